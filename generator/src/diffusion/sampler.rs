@@ -1,0 +1,199 @@
+//! Reverse diffusion: from pure noise to words. Each step predicts x0, optionally snaps it to the
+//! nearest word embedding (the clamping trick), and moves to the next latent — DDPM (posterior mean
+//! plus noise) or DDIM (deterministic, η = 0). Every sequence carries its own step index and its own
+//! random stream, so a sequence's result does not depend on what else shares its batch.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+use serde::{Deserialize, Serialize};
+
+use super::schedule::NoiseSchedule;
+use crate::model::DiffusionLm;
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SamplerKind {
+    /// Ancestral sampling: posterior mean plus Gaussian noise (the paper's sampler).
+    #[default]
+    Ddpm,
+    /// Deterministic DDIM (η = 0): the noise is drawn only once, at the start.
+    Ddim,
+}
+
+#[derive(Debug, Clone)]
+pub struct SampleOptions {
+    /// Sampling steps S ≤ T (the training schedule is respaced to S steps).
+    pub steps: usize,
+    pub sampler: SamplerKind,
+    /// Snap every x0 prediction to its nearest word embedding.
+    pub clamp: bool,
+    pub seed: u64,
+    /// Sequences per denoiser call.
+    pub batch_size: usize,
+}
+
+impl Default for SampleOptions {
+    fn default() -> Self {
+        Self {
+            steps: 200,
+            sampler: SamplerKind::Ddpm,
+            clamp: true,
+            seed: 0,
+            batch_size: 64,
+        }
+    }
+}
+
+/// Sampled sequences (word ids, L per sequence) and how long the work took.
+#[derive(Debug, Clone)]
+pub struct Samples {
+    pub ids: Vec<Vec<u32>>,
+    pub total_ms: f64,
+    pub step_ms: Vec<f64>,
+}
+
+/// The random stream of sequence `index` of a request seeded with `seed`.
+pub fn sequence_rng(seed: u64, index: usize) -> StdRng {
+    StdRng::seed_from_u64(seed ^ (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+/// Standard normal noise [B, L, D], one row of each sequence's own stream.
+pub fn normal_noise(rngs: &mut [StdRng], l: usize, d: usize, device: &Device) -> Result<Tensor> {
+    let mut data = Vec::with_capacity(rngs.len() * l * d);
+    for rng in rngs.iter_mut() {
+        data.extend((0..l * d).map(|_| -> f32 { StandardNormal.sample(rng) }));
+    }
+    Ok(Tensor::from_vec(data, (rngs.len(), l, d), device)?)
+}
+
+/// Per-sequence scalars as a [B, 1, 1] tensor, for broadcasting over [B, L, D].
+fn per_sequence(values: impl Iterator<Item = f64>, device: &Device) -> Result<Tensor> {
+    let v: Vec<f32> = values.map(|x| x as f32).collect();
+    let b = v.len();
+    Ok(Tensor::from_vec(v, (b, 1, 1), device)?)
+}
+
+pub struct StepOutput {
+    /// The next latents x_{i−1}.
+    pub x_prev: Tensor,
+    /// The (clamped, when asked) x0 prediction of this step.
+    pub x0: Tensor,
+}
+
+pub struct Sampler<'a> {
+    model: &'a DiffusionLm,
+    schedule: NoiseSchedule,
+    kind: SamplerKind,
+    clamp: bool,
+}
+
+impl<'a> Sampler<'a> {
+    pub fn new(
+        model: &'a DiffusionLm,
+        steps: usize,
+        kind: SamplerKind,
+        clamp: bool,
+    ) -> Result<Self> {
+        let cfg = &model.config;
+        let schedule = NoiseSchedule::new(cfg.schedule, cfg.diffusion_steps)?.respace(steps)?;
+        Ok(Self {
+            model,
+            schedule,
+            kind,
+            clamp,
+        })
+    }
+
+    pub fn schedule(&self) -> &NoiseSchedule {
+        &self.schedule
+    }
+
+    /// One reverse step. `x_t` [B, L, D]; `index[b]` is sequence b's step in the respaced schedule;
+    /// `noise` [B, L, D] is used by DDPM only.
+    pub fn step(&self, x_t: &Tensor, index: &[usize], noise: &Tensor) -> Result<StepOutput> {
+        let device = x_t.device();
+        let s = &self.schedule;
+        let t = Tensor::from_vec(
+            index
+                .iter()
+                .map(|&i| s.timesteps[i] as f32)
+                .collect::<Vec<_>>(),
+            index.len(),
+            device,
+        )?;
+        let mut x0 = self.model.predict_x0(x_t, &t)?;
+        if self.clamp {
+            x0 = self.model.clamp_to_embeddings(&x0)?;
+        }
+        let x_prev = match self.kind {
+            SamplerKind::Ddpm => {
+                let (c0, ct): (Vec<f64>, Vec<f64>) =
+                    index.iter().map(|&i| s.posterior_mean_coefs(i)).unzip();
+                let mean = x0
+                    .broadcast_mul(&per_sequence(c0.into_iter(), device)?)?
+                    .add(&x_t.broadcast_mul(&per_sequence(ct.into_iter(), device)?)?)?;
+                let sigma =
+                    per_sequence(index.iter().map(|&i| s.sampling_variance(i).sqrt()), device)?;
+                mean.add(&noise.broadcast_mul(&sigma)?)?
+            }
+            SamplerKind::Ddim => {
+                let ac = |i: usize| s.alphas_cumprod[i];
+                let acp = |i: usize| s.alphas_cumprod_prev[i];
+                // eps = (x_t − √ᾱ x0)/√(1−ᾱ);  x_prev = √ᾱ_prev x0 + √(1−ᾱ_prev) eps
+                let inv = per_sequence(index.iter().map(|&i| 1.0 / (1.0 - ac(i)).sqrt()), device)?;
+                let sa = per_sequence(index.iter().map(|&i| ac(i).sqrt()), device)?;
+                let eps = x_t.sub(&x0.broadcast_mul(&sa)?)?.broadcast_mul(&inv)?;
+                let sap = per_sequence(index.iter().map(|&i| acp(i).sqrt()), device)?;
+                let s1p = per_sequence(index.iter().map(|&i| (1.0 - acp(i)).sqrt()), device)?;
+                x0.broadcast_mul(&sap)?.add(&eps.broadcast_mul(&s1p)?)?
+            }
+        };
+        Ok(StepOutput { x_prev, x0 })
+    }
+
+    /// Samples `n` sequences from pure noise, `batch_size` at a time.
+    pub fn sample(&self, n: usize, seed: u64, batch_size: usize) -> Result<Samples> {
+        if n == 0 {
+            return Err(Error::invalid("n", "must be at least 1"));
+        }
+        if batch_size == 0 {
+            return Err(Error::invalid("batch_size", "must be at least 1"));
+        }
+        let cfg = &self.model.config;
+        let (l, d) = (cfg.seq_len, cfg.embed_dim);
+        let device = self.model.device();
+        let started = Instant::now();
+        let mut ids = Vec::with_capacity(n);
+        let mut step_ms = Vec::new();
+        for first in (0..n).step_by(batch_size) {
+            let count = batch_size.min(n - first);
+            let mut rngs: Vec<StdRng> = (first..first + count)
+                .map(|i| sequence_rng(seed, i))
+                .collect();
+            let mut x = normal_noise(&mut rngs, l, d, device)?;
+            for i in (0..self.schedule.len()).rev() {
+                let step_start = Instant::now();
+                let noise = if self.kind == SamplerKind::Ddpm && i > 0 {
+                    normal_noise(&mut rngs, l, d, device)?
+                } else {
+                    x.zeros_like()?
+                };
+                let out = self.step(&x, &vec![i; count], &noise)?;
+                x = out.x_prev;
+                step_ms.push(step_start.elapsed().as_secs_f64() * 1e3);
+            }
+            // At i = 0 both samplers return the x0 prediction itself (ᾱ_prev = 1): round it.
+            ids.extend(self.model.round(&x)?);
+        }
+        Ok(Samples {
+            ids,
+            total_ms: started.elapsed().as_secs_f64() * 1e3,
+            step_ms,
+        })
+    }
+}

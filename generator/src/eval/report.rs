@@ -1,0 +1,84 @@
+//! What the E2E quality targets look at, in one report: 4-gram perplexity of samples and of the human
+//! test references (and their ratio), how often sentences end with final punctuation, how many
+//! contain an unknown word, and how many are verbatim copies of a training reference.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::fluency::{KneserNey, Perplexity};
+use crate::text::tokenizer::{words, UNK};
+use crate::train::data::{references, TEST_FILE, TRAIN_FILE};
+use crate::Result;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FluencyReport {
+    pub order: usize,
+    pub samples: Perplexity,
+    pub test_references: Perplexity,
+    /// samples ÷ test references (human text scores about 1.0–1.2).
+    pub ratio: f64,
+    pub samples_final_punctuation: f64,
+    pub references_final_punctuation: f64,
+    pub samples_with_unk: f64,
+    pub samples_copied_from_train: f64,
+}
+
+fn normalized(text: &str) -> String {
+    words(text).join(" ")
+}
+
+fn final_punctuation_share(texts: &[String]) -> f64 {
+    let ends = |t: &String| matches!(words(t).last().map(String::as_str), Some("." | "!" | "?"));
+    texts.iter().filter(|t| ends(t)).count() as f64 / texts.len().max(1) as f64
+}
+
+impl FluencyReport {
+    pub fn compute(data_dir: &Path, samples: &[String], order: usize) -> Result<Self> {
+        let train = references(data_dir, TRAIN_FILE)?;
+        let test = references(data_dir, TEST_FILE)?;
+        let lm = KneserNey::fit(train.iter().map(String::as_str), order);
+        let sample_ppl = lm.perplexity(samples.iter().map(String::as_str));
+        let test_ppl = lm.perplexity(test.iter().map(String::as_str));
+        let train_set: HashSet<String> = train.iter().map(|t| normalized(t)).collect();
+        let n = samples.len().max(1) as f64;
+        Ok(Self {
+            order,
+            ratio: sample_ppl.perplexity / test_ppl.perplexity,
+            samples: sample_ppl,
+            test_references: test_ppl,
+            samples_final_punctuation: final_punctuation_share(samples),
+            references_final_punctuation: final_punctuation_share(&test),
+            samples_with_unk: samples.iter().filter(|s| s.contains(UNK)).count() as f64 / n,
+            samples_copied_from_train: samples
+                .iter()
+                .filter(|s| train_set.contains(&normalized(s)))
+                .count() as f64
+                / n,
+        })
+    }
+
+    /// A plain-text table for terminals and READMEs.
+    pub fn table(&self) -> String {
+        format!(
+            "| measure | samples | E2E test references |\n|---|---:|---:|\n\
+             | sentences | {} | {} |\n\
+             | {}-gram KN perplexity | {:.2} | {:.2} |\n\
+             | perplexity ratio (samples ÷ references) | {:.3} | 1.000 |\n\
+             | end with . ! ? | {:.1}% | {:.1}% |\n\
+             | contain UNK | {:.1}% | – |\n\
+             | exact copies of a train reference | {:.1}% | – |\n",
+            self.samples.sentences,
+            self.test_references.sentences,
+            self.order,
+            self.samples.perplexity,
+            self.test_references.perplexity,
+            self.ratio,
+            100.0 * self.samples_final_punctuation,
+            100.0 * self.references_final_punctuation,
+            100.0 * self.samples_with_unk,
+            100.0 * self.samples_copied_from_train,
+        )
+    }
+}

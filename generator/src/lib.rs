@@ -1,0 +1,17 @@
+//! dlm-generator: Diffusion-LM (Li et al. 2022) in candle.
+//!
+//! - [`model`]: config, denoiser transformer, embedding and rounding head.
+//! - [`diffusion`]: noise schedules, respacing and the samplers (DDPM, DDIM, clamping).
+//! - [`text`]: word-level tokenizer (Hugging Face `tokenizer.json`) and the E2E corpus reader.
+//! - [`train`]: end-to-end loss, optimizer, EMA, checkpoints, progress, loss plot.
+//! - [`eval`]: fluency measure (word 4-gram Kneser-Ney language model).
+
+pub mod diffusion;
+pub mod error;
+pub mod eval;
+pub mod model;
+pub mod runtime;
+pub mod text;
+pub mod train;
+
+pub use error::{Error, Result};

@@ -1,0 +1,308 @@
+//! `dlm-generator`: train a Diffusion-LM, sample from it, measure its fluency.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use candle_core::Device;
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+
+use dlm_generator::diffusion::{Sampler, SamplerKind, ScheduleKind};
+use dlm_generator::eval::report::FluencyReport;
+use dlm_generator::model::{LoadedModel, ModelConfig};
+use dlm_generator::train::{data, TrainConfig, Trainer};
+
+#[derive(Parser)]
+#[command(
+    name = "dlm-generator",
+    version,
+    about = "Diffusion-LM: train, sample, evaluate"
+)]
+struct Cli {
+    /// Worker threads for tensor math (default: all cores). One often beats two on a busy machine.
+    #[arg(long, env = "DLM_THREADS", global = true)]
+    threads: Option<usize>,
+    /// Log format on stderr.
+    #[arg(long, env = "DLM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model on the E2E references (checkpoints and `--resume` in --out).
+    Train(TrainArgs),
+    /// Sample sentences from a model: one per line on stdout.
+    Sample(SampleArgs),
+    /// Perplexity of sentences (one per line) under a 4-gram Kneser-Ney model of the E2E train
+    /// references, against the E2E test references.
+    EvalFluency(EvalArgs),
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Directory with the E2E CSV files.
+    #[arg(long, env = "DLM_DATA_DIR", default_value = "../shared/data/e2e")]
+    data_dir: PathBuf,
+    /// Output model directory (checkpoints are written here).
+    #[arg(long, env = "DLM_OUT")]
+    out: PathBuf,
+    /// Continue from the checkpoint in --out (it must have been made with the same settings).
+    #[arg(long, env = "DLM_RESUME")]
+    resume: bool,
+    #[arg(long, env = "DLM_STEPS", default_value_t = 10_000)]
+    steps: usize,
+    #[arg(long, env = "DLM_BATCH_SIZE", default_value_t = 64)]
+    batch_size: usize,
+    /// Peak learning rate (the paper's 1e-4 is for 200k steps; short CPU runs learn faster at 1e-3).
+    #[arg(long, env = "DLM_LR", default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, env = "DLM_WARMUP", default_value_t = 500)]
+    warmup: usize,
+    #[arg(long, env = "DLM_WEIGHT_DECAY", default_value_t = 0.0)]
+    weight_decay: f64,
+    /// EMA decay (warmed up as min(decay, (1+n)/(10+n))).
+    #[arg(long, env = "DLM_EMA_DECAY", default_value_t = 0.9999)]
+    ema_decay: f64,
+    /// Clip the global gradient norm (0 = off).
+    #[arg(long, env = "DLM_GRAD_CLIP", default_value_t = 1.0)]
+    grad_clip: f64,
+    #[arg(long, env = "DLM_SEED", default_value_t = 0)]
+    seed: u64,
+    /// Minimum count of a word in the train references to enter the vocabulary (the paper's 10).
+    #[arg(long, env = "DLM_MIN_COUNT", default_value_t = 10)]
+    min_count: u64,
+    /// Also train on references that contain out-of-vocabulary words (as UNK).
+    #[arg(long, env = "DLM_KEEP_UNK")]
+    keep_unk: bool,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, env = "DLM_LOG_EVERY", default_value_t = 50)]
+    log_every: usize,
+    #[arg(long, env = "DLM_CHECKPOINT_EVERY", default_value_t = 500)]
+    checkpoint_every: usize,
+    /// Stop at this step (with a checkpoint) without changing the schedule; `--resume` continues.
+    #[arg(long, env = "DLM_STOP_AT")]
+    stop_at: Option<usize>,
+    /// Hide the progress bar.
+    #[arg(long, env = "DLM_NO_PROGRESS")]
+    no_progress: bool,
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Embedding width D.
+    #[arg(long, env = "DLM_EMBED_DIM", default_value_t = 16)]
+    embed_dim: usize,
+    /// Transformer width H.
+    #[arg(long, env = "DLM_HIDDEN", default_value_t = 128)]
+    hidden: usize,
+    #[arg(long, env = "DLM_LAYERS", default_value_t = 4)]
+    layers: usize,
+    #[arg(long, env = "DLM_HEADS", default_value_t = 4)]
+    heads: usize,
+    /// Sequence length L (START, words, END, PAD).
+    #[arg(long, env = "DLM_SEQ_LEN", default_value_t = 64)]
+    seq_len: usize,
+    /// Diffusion steps T.
+    #[arg(long, env = "DLM_DIFFUSION_STEPS", default_value_t = 2000)]
+    diffusion_steps: usize,
+    #[arg(long, env = "DLM_SCHEDULE", value_enum, default_value_t = ScheduleKind::Sqrt)]
+    schedule: ScheduleKind,
+}
+
+#[derive(Args)]
+struct SampleArgs {
+    /// Model directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long, env = "DLM_MODEL", default_value = "models/e2e-small")]
+    model: PathBuf,
+    /// Number of sentences.
+    #[arg(long, env = "DLM_N", default_value_t = 16)]
+    n: usize,
+    /// Sampling steps (≤ T; the schedule is respaced).
+    #[arg(long, env = "DLM_SAMPLE_STEPS", default_value_t = 200)]
+    steps: usize,
+    /// Random seed (default: a fresh one, reported on stderr).
+    #[arg(long, env = "DLM_SEED")]
+    seed: Option<u64>,
+    #[arg(long, env = "DLM_SAMPLER", value_enum, default_value_t = SamplerKind::Ddpm)]
+    sampler: SamplerKind,
+    /// Snap each x0 prediction to the nearest word embedding (`--clamp=false` to turn off).
+    #[arg(long, env = "DLM_CLAMP", default_value_t = true, action = ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true")]
+    clamp: bool,
+    /// Sequences per denoiser call.
+    #[arg(long, env = "DLM_BATCH_SIZE", default_value_t = 64)]
+    batch_size: usize,
+    /// JSON lines (text, tokens, seed, timings) instead of plain text.
+    #[arg(long, env = "DLM_JSON")]
+    json: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Directory with the E2E CSV files.
+    #[arg(long, env = "DLM_DATA_DIR", default_value = "../shared/data/e2e")]
+    data_dir: PathBuf,
+    /// Sentences to score, one per line (`-` = stdin).
+    #[arg(long, env = "DLM_INPUT", default_value = "-")]
+    input: PathBuf,
+    /// n-gram order.
+    #[arg(long, env = "DLM_ORDER", default_value_t = 4)]
+    order: usize,
+    /// Print the report as JSON.
+    #[arg(long, env = "DLM_JSON")]
+    json: bool,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    dlm_generator::runtime::set_threads(cli.threads);
+    dlm_generator::runtime::tune_allocator();
+    init_logging(cli.log_format);
+    if let Err(err) = run(cli.command) {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Train(args) => train(args),
+        Command::Sample(args) => sample(args),
+        Command::EvalFluency(args) => eval_fluency(args),
+    }
+}
+
+fn train(args: TrainArgs) -> anyhow::Result<()> {
+    let m = args.model;
+    let config = TrainConfig {
+        model: ModelConfig {
+            vocab_size: 0, // set from the tokenizer
+            embed_dim: m.embed_dim,
+            hidden: m.hidden,
+            layers: m.layers,
+            heads: m.heads,
+            mlp_ratio: 4,
+            seq_len: m.seq_len,
+            diffusion_steps: m.diffusion_steps,
+            schedule: m.schedule,
+        },
+        min_count: args.min_count,
+        drop_unk: !args.keep_unk,
+        steps: args.steps,
+        batch_size: args.batch_size,
+        lr: args.lr,
+        warmup: args.warmup,
+        weight_decay: args.weight_decay,
+        ema_decay: args.ema_decay,
+        grad_clip: args.grad_clip,
+        seed: args.seed,
+    };
+    let texts = data::references(&args.data_dir, data::TRAIN_FILE)?;
+    let trainer = Trainer {
+        config,
+        out: args.out.clone(),
+        log_every: args.log_every,
+        checkpoint_every: args.checkpoint_every,
+        show_progress: !args.no_progress,
+        stop_at: args.stop_at,
+    };
+    let summary = trainer.run(&texts, args.resume, &Device::Cpu)?;
+    tracing::info!(
+        step = summary.step,
+        first_loss = summary.first_loss,
+        last_loss = summary.last_loss,
+        sequences = summary.sequences,
+        dropped_unk = summary.dropped_unk,
+        out = %args.out.display(),
+        "training finished"
+    );
+    Ok(())
+}
+
+fn sample(args: SampleArgs) -> anyhow::Result<()> {
+    let loaded = LoadedModel::load(&args.model, &Device::Cpu)
+        .with_context(|| format!("loading model from {}", args.model.display()))?;
+    let seed = args.seed.unwrap_or_else(rand::random);
+    tracing::info!(seed, n = args.n, steps = args.steps, "sampling");
+    let sampler = Sampler::new(&loaded.model, args.steps, args.sampler, args.clamp)?;
+    let samples = sampler.sample(args.n, seed, args.batch_size)?;
+    let mut out = std::io::stdout().lock();
+    for (index, ids) in samples.ids.iter().enumerate() {
+        let text = loaded.tokenizer.decode(ids);
+        if args.json {
+            let tokens: Vec<String> = loaded
+                .tokenizer
+                .visible(ids)
+                .map(|id| loaded.tokenizer.id_to_token(id).unwrap_or_default())
+                .collect();
+            let line = serde_json::json!({
+                "index": index,
+                "text": text,
+                "tokens": tokens,
+                "seed": seed,
+                "steps": args.steps,
+                "sampler": args.sampler,
+                "clamp": args.clamp,
+                "total_ms": samples.total_ms,
+                "median_step_ms": median(&samples.step_ms),
+            });
+            writeln!(out, "{line}")?;
+        } else {
+            writeln!(out, "{text}")?;
+        }
+    }
+    Ok(())
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn eval_fluency(args: EvalArgs) -> anyhow::Result<()> {
+    let sentences: Vec<String> = if args.input.as_os_str() == "-" {
+        std::io::stdin().lock().lines().collect::<Result<_, _>>()?
+    } else {
+        std::fs::read_to_string(&args.input)
+            .with_context(|| format!("reading {}", args.input.display()))?
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    let sentences: Vec<String> = sentences
+        .into_iter()
+        .filter(|s| !s.trim().is_empty())
+        .collect();
+    if sentences.is_empty() {
+        anyhow::bail!("invalid argument `input`: no sentences to score");
+    }
+    let report = FluencyReport::compute(&args.data_dir, &sentences, args.order)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}

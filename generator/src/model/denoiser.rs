@@ -1,0 +1,137 @@
+//! The denoiser: a pre-LN transformer encoder that predicts the clean latents x0 from (x_t, t).
+//!
+//! x_t [B, L, D] → up-projection (D→H, tanh, H→H) + learned positions + timestep MLP →
+//! blocks of (LN → self-attention, LN → GELU MLP) → LN → down-projection (H→H, tanh, H→D).
+
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::{Init, Linear, VarBuilder};
+
+use super::config::ModelConfig;
+use super::layers::{apply_2d, linear, timestep_embedding, LayerNorm};
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        let h = cfg.hidden;
+        Ok(Self {
+            q: linear(h, h, vb.pp("q"))?,
+            k: linear(h, h, vb.pp("k"))?,
+            v: linear(h, h, vb.pp("v"))?,
+            out: linear(h, h, vb.pp("out"))?,
+            heads: cfg.heads,
+        })
+    }
+
+    /// x: [B, L, H]
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, l, h) = x.dims3()?;
+        let hd = h / self.heads;
+        let split = |layer: &Linear| -> Result<Tensor> {
+            apply_2d(layer, x)?
+                .reshape((b, l, self.heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (q, k, v) = (split(&self.q)?, split(&self.k)?, split(&self.v)?);
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h))?;
+        apply_2d(&self.out, &ctx)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    ln_attn: LayerNorm,
+    attn: Attention,
+    ln_mlp: LayerNorm,
+    fc_in: Linear,
+    fc_out: Linear,
+}
+
+impl Block {
+    fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        let h = cfg.hidden;
+        Ok(Self {
+            ln_attn: LayerNorm::new(h, vb.pp("ln_attn"))?,
+            attn: Attention::new(cfg, vb.pp("attn"))?,
+            ln_mlp: LayerNorm::new(h, vb.pp("ln_mlp"))?,
+            fc_in: linear(h, h * cfg.mlp_ratio, vb.pp("fc_in"))?,
+            fc_out: linear(h * cfg.mlp_ratio, h, vb.pp("fc_out"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = (x + self.attn.forward(&self.ln_attn.forward(x)?)?)?;
+        let mlp = apply_2d(&self.fc_in, &self.ln_mlp.forward(&x)?)?.gelu_erf()?;
+        x + apply_2d(&self.fc_out, &mlp)?
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Denoiser {
+    up_in: Linear,
+    up_out: Linear,
+    positions: Tensor,
+    time_in: Linear,
+    time_out: Linear,
+    blocks: Vec<Block>,
+    ln_final: LayerNorm,
+    down_in: Linear,
+    down_out: Linear,
+    hidden: usize,
+}
+
+impl Denoiser {
+    pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        let (d, h) = (cfg.embed_dim, cfg.hidden);
+        let blocks = (0..cfg.layers)
+            .map(|i| Block::new(cfg, vb.pp(format!("blocks.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            up_in: linear(d, h, vb.pp("up_in"))?,
+            up_out: linear(h, h, vb.pp("up_out"))?,
+            positions: vb.get_with_hints(
+                (cfg.seq_len, h),
+                "positions",
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: 0.02,
+                },
+            )?,
+            time_in: linear(h, 4 * h, vb.pp("time_in"))?,
+            time_out: linear(4 * h, h, vb.pp("time_out"))?,
+            blocks,
+            ln_final: LayerNorm::new(h, vb.pp("ln_final"))?,
+            down_in: linear(h, h, vb.pp("down_in"))?,
+            down_out: linear(h, d, vb.pp("down_out"))?,
+            hidden: h,
+        })
+    }
+
+    /// Predicts x0 [B, L, D] from x_t [B, L, D] and timesteps `t` [B] (training-schedule units, f32).
+    pub fn forward(&self, x_t: &Tensor, t: &Tensor) -> Result<Tensor> {
+        let (_, l, _) = x_t.dims3()?;
+        let up = apply_2d(&self.up_out, &apply_2d(&self.up_in, x_t)?.tanh()?)?;
+        let temb = timestep_embedding(t, self.hidden)?;
+        let temb = self
+            .time_out
+            .forward(&self.time_in.forward(&temb)?.silu()?)?;
+        let mut h = up
+            .broadcast_add(&self.positions.narrow(0, 0, l)?.unsqueeze(0)?)?
+            .broadcast_add(&temb.unsqueeze(1)?)?;
+        for block in &self.blocks {
+            h = block.forward(&h)?;
+        }
+        let h = self.ln_final.forward(&h)?;
+        apply_2d(&self.down_out, &apply_2d(&self.down_in, &h)?.tanh()?)
+    }
+}

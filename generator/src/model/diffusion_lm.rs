@@ -1,0 +1,186 @@
+//! The whole Diffusion-LM: embedding, denoiser and tied rounding head, and its directory on disk.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder, VarMap};
+
+use super::config::ModelConfig;
+use super::denoiser::Denoiser;
+use super::init::SeededVarMap;
+use crate::text::WordTokenizer;
+use crate::{Error, Result};
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+
+#[derive(Debug, Clone)]
+pub struct DiffusionLm {
+    pub config: ModelConfig,
+    /// E [V, D]: word embeddings, also the rounding head's weight.
+    embedding: Tensor,
+    /// b [V]: the rounding head's bias.
+    lm_bias: Tensor,
+    denoiser: Denoiser,
+}
+
+impl DiffusionLm {
+    pub fn new(config: &ModelConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let embedding = vb.get_with_hints(
+            (config.vocab_size, config.embed_dim),
+            "embedding.weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: 1.0,
+            },
+        )?;
+        let lm_bias = vb.get_with_hints(config.vocab_size, "lm_head.bias", Init::Const(0.0))?;
+        Ok(Self {
+            config: config.clone(),
+            embedding,
+            lm_bias,
+            denoiser: Denoiser::new(config, vb.pp("denoiser"))?,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embedding.device()
+    }
+
+    pub fn embedding(&self) -> &Tensor {
+        &self.embedding
+    }
+
+    /// Word ids [B, L] (u32) → latents [B, L, D].
+    pub fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        self.embedding
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, l, self.config.embed_dim))
+    }
+
+    /// x0 prediction [B, L, D] from x_t [B, L, D] and per-sequence timesteps [B] (f32).
+    pub fn predict_x0(&self, x_t: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
+        self.denoiser.forward(x_t, t)
+    }
+
+    /// Rounding logits x0·Eᵀ + b: [B, L, D] → [B, L, V].
+    pub fn logits(&self, x0: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, l, d) = x0.dims3()?;
+        x0.reshape((b * l, d))?
+            .matmul(&self.embedding.t()?)?
+            .broadcast_add(&self.lm_bias)?
+            .reshape((b, l, self.config.vocab_size))
+    }
+
+    /// The most likely word at every position.
+    pub fn round(&self, x0: &Tensor) -> candle_core::Result<Vec<Vec<u32>>> {
+        self.logits(x0)?.argmax(D::Minus1)?.to_vec2::<u32>()
+    }
+
+    /// The clamping trick: replaces every vector by its nearest word embedding (L2).
+    pub fn clamp_to_embeddings(&self, x0: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, l, d) = x0.dims3()?;
+        let flat = x0.reshape((b * l, d))?;
+        // ‖x − e‖² = ‖x‖² − 2x·e + ‖e‖²; ‖x‖² is the same for every e, so it can be left out.
+        let e_sq = self.embedding.sqr()?.sum(1)?;
+        let dist = flat
+            .matmul(&self.embedding.t()?)?
+            .affine(-2.0, 0.0)?
+            .broadcast_add(&e_sq)?;
+        let nearest = dist.argmin(1)?;
+        self.embedding.index_select(&nearest, 0)?.reshape((b, l, d))
+    }
+}
+
+/// A model directory loaded for inference: weights, config and tokenizer.
+pub struct LoadedModel {
+    pub model: DiffusionLm,
+    pub tokenizer: WordTokenizer,
+    pub varmap: VarMap,
+    pub dir: PathBuf,
+}
+
+impl LoadedModel {
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::io(
+                dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
+            ));
+        }
+        let config = ModelConfig::load(&dir.join(CONFIG_FILE))?;
+        let tokenizer = WordTokenizer::from_file(&dir.join(TOKENIZER_FILE))?;
+        if tokenizer.vocab_size() != config.vocab_size {
+            return Err(Error::format(
+                dir.join(TOKENIZER_FILE),
+                format!(
+                    "vocabulary has {} words but config.json says vocab_size = {}",
+                    tokenizer.vocab_size(),
+                    config.vocab_size
+                ),
+            ));
+        }
+        let (model, varmap) = build(&config, device, 0)?;
+        let weights = dir.join(WEIGHTS_FILE);
+        load_weights(&varmap, &weights)?;
+        Ok(Self {
+            model,
+            tokenizer,
+            varmap,
+            dir: dir.to_path_buf(),
+        })
+    }
+}
+
+/// A freshly initialised model (weights drawn from `seed`) and the variables that own its weights.
+pub fn build(config: &ModelConfig, device: &Device, seed: u64) -> Result<(DiffusionLm, VarMap)> {
+    config.validate()?;
+    let varmap = VarMap::new();
+    let backend: Box<dyn SimpleBackend> = Box::new(SeededVarMap {
+        varmap: varmap.clone(),
+        seed,
+    });
+    let vb = VarBuilder::from_backend(backend, DType::F32, device.clone());
+    let model = DiffusionLm::new(config, vb)?;
+    Ok((model, varmap))
+}
+
+/// Overwrites every variable of `varmap` with the tensor of the same name in a safetensors file.
+pub fn load_weights(varmap: &VarMap, path: &Path) -> Result<()> {
+    if !path.exists() {
+        return Err(Error::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "weights file not found"),
+        ));
+    }
+    let mut varmap = varmap.clone();
+    varmap
+        .load(path)
+        .map_err(|e| Error::format(path, e.to_string()))
+}
+
+/// Writes named tensors as safetensors.
+pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    candle_core::safetensors::save(tensors, path).map_err(|e| Error::format(path, e.to_string()))
+}
+
+/// Writes a complete model directory (config, tokenizer, weights) that [`LoadedModel::load`] reads.
+pub fn save_model_dir(
+    dir: &Path,
+    config: &ModelConfig,
+    tokenizer: &WordTokenizer,
+    weights: &HashMap<String, Tensor>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    config.save(&dir.join(CONFIG_FILE))?;
+    tokenizer.save(&dir.join(TOKENIZER_FILE))?;
+    // Write then rename, so a reader never sees half a file.
+    let tmp = dir.join(format!("{WEIGHTS_FILE}.tmp"));
+    save_tensors(weights, &tmp)?;
+    let target = dir.join(WEIGHTS_FILE);
+    std::fs::rename(&tmp, &target).map_err(|e| Error::io(&target, e))
+}

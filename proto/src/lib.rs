@@ -1,0 +1,14 @@
+//! dlm-proto: the wire contracts of dlm, and nothing else.
+//!
+//! - [`dlm::v1`]: the generator's public API (`dlm/v1/generator.proto`).
+//!
+//! The encoded file descriptor set is exported for gRPC reflection.
+
+pub mod dlm {
+    pub mod v1 {
+        tonic::include_proto!("dlm.v1");
+    }
+}
+
+/// Encoded `FileDescriptorSet` of every .proto here (for gRPC server reflection).
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dlm_descriptor");

@@ -1,0 +1,214 @@
+//! The `dlm-generator` command line on the shipped model and the real E2E data.
+
+use dlm_generator::train::data::{references, DEV_FILE};
+use dlm_tests::{run, stderr, stdout};
+
+const MODEL: &str = "models/e2e-small";
+
+#[test]
+fn sample_prints_one_sentence_per_line() {
+    let out = run(
+        "dlm-generator",
+        &[
+            "sample", "--model", MODEL, "--n", "5", "--steps", "50", "--seed", "1",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 5, "{text}");
+    for line in lines {
+        assert!(!line.trim().is_empty(), "empty sentence in {text}");
+        assert!(
+            !line.contains("[PAD]") && !line.contains("[END]") && !line.contains("[START]"),
+            "{line}"
+        );
+    }
+}
+
+#[test]
+fn same_seed_same_sentences_other_seed_others() {
+    let args = |seed: &'static str| {
+        [
+            "sample", "--model", MODEL, "--n", "3", "--steps", "40", "--seed", seed,
+        ]
+    };
+    let a = stdout(&run("dlm-generator", &args("7")));
+    let b = stdout(&run("dlm-generator", &args("7")));
+    let c = stdout(&run("dlm-generator", &args("8")));
+    assert!(!a.is_empty());
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+}
+
+#[test]
+fn json_lines_carry_tokens_seed_and_timings() {
+    let out = run(
+        "dlm-generator",
+        &[
+            "sample",
+            "--model",
+            MODEL,
+            "--n",
+            "2",
+            "--steps",
+            "20",
+            "--seed",
+            "3",
+            "--sampler",
+            "ddim",
+            "--json",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(row["index"], i);
+        assert_eq!(row["seed"], 3);
+        assert_eq!(row["sampler"], "ddim");
+        let tokens: Vec<&str> = row["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        assert_eq!(tokens.join(" "), row["text"].as_str().unwrap());
+        assert!(row["total_ms"].as_f64().unwrap() > 0.0);
+    }
+}
+
+fn fails_with(args: &[&str], needles: &[&str]) {
+    let out = run("dlm-generator", args);
+    let err = stderr(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "expected a clean failure for {args:?}, got {:?}: {err}",
+        out.status
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    for needle in needles {
+        assert!(err.contains(needle), "stderr lacks {needle:?}: {err}");
+    }
+}
+
+#[test]
+fn bad_inputs_give_clear_errors() {
+    fails_with(
+        &["sample", "--model", "models/nope", "--n", "1"],
+        &["models/nope", "not found"],
+    );
+    fails_with(
+        &["sample", "--model", MODEL, "--steps", "2001", "--seed", "1"],
+        &["`steps`", "T = 2000"],
+    );
+    fails_with(
+        &["sample", "--model", MODEL, "--n", "0", "--seed", "1"],
+        &["`n`"],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("trainset.csv"),
+        "mr,ref\n\"name[A]\",\"unterminated\n",
+    )
+    .unwrap();
+    let data = dir.path().to_str().unwrap();
+    let out_dir = dir.path().join("out");
+    fails_with(
+        &[
+            "train",
+            "--data-dir",
+            data,
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--steps",
+            "1",
+            "--no-progress",
+        ],
+        &["trainset.csv"],
+    );
+    fails_with(
+        &[
+            "train",
+            "--data-dir",
+            "/nonexistent",
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--steps",
+            "1",
+        ],
+        &["/nonexistent/trainset.csv"],
+    );
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "\n\n").unwrap();
+    fails_with(
+        &["eval-fluency", "--input", empty.to_str().unwrap()],
+        &["`input`"],
+    );
+}
+
+#[test]
+fn help_is_there_for_every_command() {
+    for args in [
+        vec!["--help"],
+        vec!["train", "--help"],
+        vec!["sample", "--help"],
+        vec!["eval-fluency", "--help"],
+    ] {
+        let out = run("dlm-generator", &args);
+        assert!(out.status.success(), "{args:?}");
+        assert!(stdout(&out).contains("Usage"), "{args:?}");
+    }
+    let out = run("dlm-generator", &["sample", "--help"]);
+    assert!(
+        stdout(&out).contains("[env: DLM_SEED=]"),
+        "flags are also env vars"
+    );
+    let out = run("dlm-guide", &["--help"]);
+    assert!(out.status.success());
+}
+
+#[test]
+fn human_references_score_near_one_and_shuffled_words_far_above() {
+    let refs = dlm_generator_refs();
+    let dir = tempfile::tempdir().unwrap();
+    let human = dir.path().join("human.txt");
+    std::fs::write(&human, refs.join("\n")).unwrap();
+    let out = run(
+        "dlm-generator",
+        &["eval-fluency", "--input", human.to_str().unwrap(), "--json"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let ratio = report["ratio"].as_f64().unwrap();
+    assert!((0.7..1.5).contains(&ratio), "human text scored {ratio}");
+
+    let shuffled: Vec<String> = refs
+        .iter()
+        .map(|r| {
+            let mut w: Vec<&str> = r.split(' ').collect();
+            w.reverse();
+            w.join(" ")
+        })
+        .collect();
+    let salad = dir.path().join("salad.txt");
+    std::fs::write(&salad, shuffled.join("\n")).unwrap();
+    let out = run(
+        "dlm-generator",
+        &["eval-fluency", "--input", salad.to_str().unwrap(), "--json"],
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert!(report["ratio"].as_f64().unwrap() > 5.0 * ratio, "{report}");
+}
+
+/// Some E2E dev references (not in the LM's training text).
+fn dlm_generator_refs() -> Vec<String> {
+    let mut refs = references(&dlm_tests::data_dir(), DEV_FILE).unwrap();
+    refs.truncate(200);
+    refs
+}
