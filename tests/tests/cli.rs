@@ -112,11 +112,7 @@ fn bad_inputs_give_clear_errors() {
         &["`n`"],
     );
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("trainset.csv"),
-        "mr,ref\n\"name[A]\",\"unterminated\n",
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("trainset.csv"), "mr,ref\nname[A],one,two\n").unwrap();
     let data = dir.path().to_str().unwrap();
     let out_dir = dir.path().join("out");
     fails_with(
@@ -130,7 +126,7 @@ fn bad_inputs_give_clear_errors() {
             "1",
             "--no-progress",
         ],
-        &["trainset.csv"],
+        &["trainset.csv", "malformed CSV"],
     );
     fails_with(
         &[

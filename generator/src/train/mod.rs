@@ -116,7 +116,14 @@ impl Trainer {
         model_cfg.vocab_size = tokenizer.vocab_size();
         let seqs = data::encode_all(&tokenizer, texts, model_cfg.seq_len, cfg.drop_unk)?;
         if seqs.ids.is_empty() {
-            return Err(Error::invalid("data", "no training sequences left"));
+            return Err(Error::invalid(
+                "min_count",
+                format!(
+                    "no training sequences left: all {} references contain a word seen fewer than {} times",
+                    texts.len(),
+                    cfg.min_count
+                ),
+            ));
         }
         tracing::info!(
             sequences = seqs.ids.len(),
