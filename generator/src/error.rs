@@ -18,6 +18,8 @@ pub enum Error {
         field: &'static str,
         message: String,
     },
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error("checkpoint: {0}")]
     Checkpoint(String),
     #[error("tokenizer: {0}")]

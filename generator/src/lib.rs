@@ -6,10 +6,12 @@
 //! - [`train`]: end-to-end loss, optimizer, EMA, checkpoints, progress, loss plot.
 //! - [`eval`]: fluency measure (word 4-gram Kneser-Ney language model).
 
+pub mod bench;
 pub mod diffusion;
 pub mod error;
 pub mod eval;
 pub mod model;
+pub mod parallel;
 pub mod runtime;
 pub mod text;
 pub mod train;

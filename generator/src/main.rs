@@ -19,7 +19,7 @@ use dlm_generator::train::{data, TrainConfig, Trainer};
     about = "Diffusion-LM: train, sample, evaluate"
 )]
 struct Cli {
-    /// Worker threads for tensor math (default: all cores). One often beats two on a busy machine.
+    /// Worker threads (default: all cores); batches are split over them.
     #[arg(long, env = "DLM_THREADS", global = true)]
     threads: Option<usize>,
     /// Log format on stderr.
@@ -44,6 +44,37 @@ enum Command {
     /// Perplexity of sentences (one per line) under a 4-gram Kneser-Ney model of the E2E train
     /// references, against the E2E test references.
     EvalFluency(EvalArgs),
+    /// Median train-step and sampling-step times (table on stdout).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// The shipped model whose configuration is measured (besides H = 128 / 4 layers).
+    #[arg(long, env = "DLM_MODEL", default_value = "models/e2e-small")]
+    model: PathBuf,
+    /// Batch sizes.
+    #[arg(
+        long,
+        env = "DLM_BENCH_BATCHES",
+        value_delimiter = ',',
+        default_value = "1,16,64"
+    )]
+    batches: Vec<usize>,
+    /// Thread counts; each runs in its own child process.
+    #[arg(
+        long,
+        env = "DLM_BENCH_THREADS",
+        value_delimiter = ',',
+        default_value = "1,2"
+    )]
+    thread_counts: Vec<usize>,
+    /// Timed repeats per measurement (the median is reported).
+    #[arg(long, env = "DLM_BENCH_REPS", default_value_t = 5)]
+    reps: usize,
+    /// Internal: measure in this process and print JSON rows.
+    #[arg(long, hide = true)]
+    child: bool,
 }
 
 #[derive(Args)]
@@ -190,6 +221,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Train(args) => train(args),
         Command::Sample(args) => sample(args),
         Command::EvalFluency(args) => eval_fluency(args),
+        Command::Bench(args) => bench(args),
     }
 }
 
@@ -226,6 +258,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         checkpoint_every: args.checkpoint_every,
         show_progress: !args.no_progress,
         stop_at: args.stop_at,
+        shards: dlm_generator::runtime::threads(),
     };
     let summary = trainer.run(&texts, args.resume, &Device::Cpu)?;
     tracing::info!(
@@ -265,7 +298,7 @@ fn sample(args: SampleArgs) -> anyhow::Result<()> {
                 "sampler": args.sampler,
                 "clamp": args.clamp,
                 "total_ms": samples.total_ms,
-                "median_step_ms": median(&samples.step_ms),
+                "median_step_ms": dlm_generator::bench::median(&samples.step_ms),
             });
             writeln!(out, "{line}")?;
         } else {
@@ -275,10 +308,74 @@ fn sample(args: SampleArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
+fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    use dlm_generator::bench::{bench, table, BenchRow};
+    let shipped = ModelConfig::load(&args.model.join("config.json"))?;
+    let reference = ModelConfig {
+        hidden: 128,
+        layers: 4,
+        heads: 4,
+        ..shipped.clone()
+    };
+    let mut configs = vec![("shipped".to_string(), shipped.clone())];
+    if reference != shipped {
+        configs.push(("H128-L4".to_string(), reference));
+    }
+    if args.child {
+        let threads = dlm_generator::runtime::threads();
+        for (name, cfg) in &configs {
+            for &b in &args.batches {
+                let row = bench(
+                    name,
+                    &ModelConfig {
+                        seq_len: 64,
+                        ..cfg.clone()
+                    },
+                    b,
+                    threads,
+                    args.reps,
+                )?;
+                println!("{}", serde_json::to_string(&row)?);
+            }
+        }
+        return Ok(());
+    }
+    let exe = std::env::current_exe()?;
+    let mut rows: Vec<BenchRow> = Vec::new();
+    let progress = indicatif::ProgressBar::new(args.thread_counts.len() as u64);
+    for &threads in &args.thread_counts {
+        progress.set_message(format!("{threads} thread(s)"));
+        let batches = args
+            .batches
+            .iter()
+            .map(|b| b.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let out = std::process::Command::new(&exe)
+            .args([
+                "--threads",
+                &threads.to_string(),
+                "bench",
+                "--child",
+                "--batches",
+                &batches,
+            ])
+            .args(["--reps", &args.reps.to_string(), "--model"])
+            .arg(&args.model)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "bench child failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            rows.push(serde_json::from_str(line)?);
+        }
+        progress.inc(1);
+    }
+    progress.finish_and_clear();
+    print!("{}", table(&rows));
+    Ok(())
 }
 
 fn eval_fluency(args: EvalArgs) -> anyhow::Result<()> {

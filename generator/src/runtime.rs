@@ -11,12 +11,33 @@ pub fn tune_allocator() {
     }
 }
 
-/// Bound candle's worker pool (and gemm's threads). Must run before the first tensor op.
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+static THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// Sets the number of worker threads (default: all cores). The work is sharded over sequences
+/// ([`crate::parallel`]), and candle's own pool is pinned to one thread so that shards do not
+/// contend for it (FINDINGS: a spinning 2-thread pool loses to 1 thread on a busy machine).
+/// Must run before the first tensor op.
 pub fn set_threads(threads: Option<usize>) {
-    if let Some(n) = threads.filter(|&n| n > 0) {
-        // SAFETY: called at start-up, before any other thread exists.
-        unsafe {
-            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        }
+    let n = threads.filter(|&n| n > 0).unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    THREADS.store(n, Ordering::Relaxed);
+    // SAFETY: called at start-up, before any other thread exists.
+    unsafe {
+        std::env::set_var("RAYON_NUM_THREADS", "1");
+    }
+}
+
+/// Worker threads for sharded work (all cores unless [`set_threads`] said otherwise).
+pub fn threads() -> usize {
+    match THREADS.load(Ordering::Relaxed) {
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        n => n,
     }
 }

@@ -7,6 +7,7 @@ use dlm_generator::model::diffusion_lm::{build, save_model_dir, LoadedModel};
 use dlm_generator::model::ModelConfig;
 use dlm_generator::text::WordTokenizer;
 use dlm_generator::train::optim::named_vars;
+use dlm_generator::train::step::step_gradients;
 use dlm_generator::train::{loss::diffusion_loss, TrainConfig, Trainer};
 use rand::SeedableRng;
 
@@ -49,14 +50,16 @@ fn every_trainable_tensor_gets_a_nonzero_gradient() {
     let cfg = tiny_config(tok.vocab_size());
     let (model, varmap) = build(&cfg, &Device::Cpu, 1).unwrap();
     let schedule = NoiseSchedule::new(cfg.schedule, cfg.diffusion_steps).unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let mut rngs: Vec<_> = (0..4)
+        .map(|i| rand::rngs::StdRng::seed_from_u64(i))
+        .collect();
     // Include t = 0 (the clean-embedding target) and the last step.
     let losses = diffusion_loss(
         &model,
         &schedule,
         &batch(&tok, cfg.seq_len),
         &[0, 10, 50, 99],
-        &mut rng,
+        &mut rngs,
     )
     .unwrap();
     let grads = losses.total.backward().unwrap();
@@ -83,6 +86,7 @@ fn train_tiny(
     steps: usize,
     stop_at: Option<usize>,
     resume: bool,
+    shards: usize,
 ) -> dlm_generator::train::TrainSummary {
     let texts: Vec<String> = SENTENCES.iter().map(|s| s.to_string()).collect();
     let trainer = Trainer {
@@ -104,6 +108,7 @@ fn train_tiny(
         checkpoint_every: 100,
         show_progress: false,
         stop_at,
+        shards,
     };
     trainer.run(&texts, resume, &Device::Cpu).unwrap()
 }
@@ -111,7 +116,7 @@ fn train_tiny(
 #[test]
 fn tiny_model_overfits_and_samples_its_training_sentences() {
     let dir = tempfile::tempdir().unwrap();
-    let summary = train_tiny(dir.path(), 1500, None, false);
+    let summary = train_tiny(dir.path(), 1500, None, false, 2);
     let (first, last) = (summary.first_loss.unwrap(), summary.last_loss.unwrap());
     let log = std::fs::read_to_string(dir.path().join("train_log.jsonl")).unwrap();
     assert!(
@@ -148,11 +153,11 @@ fn tiny_model_overfits_and_samples_its_training_sentences() {
 #[test]
 fn resumed_training_continues_where_it_stopped() {
     let straight = tempfile::tempdir().unwrap();
-    train_tiny(straight.path(), 40, None, false);
+    train_tiny(straight.path(), 40, None, false, 2);
     let resumed = tempfile::tempdir().unwrap();
-    let first = train_tiny(resumed.path(), 40, Some(20), false);
+    let first = train_tiny(resumed.path(), 40, Some(20), false, 2);
     assert_eq!(first.step, 20);
-    let summary = train_tiny(resumed.path(), 40, None, true);
+    let summary = train_tiny(resumed.path(), 40, None, true, 2);
     assert_eq!(summary.step, 40);
     let a = std::fs::read(straight.path().join("model.safetensors")).unwrap();
     let b = std::fs::read(resumed.path().join("model.safetensors")).unwrap();
@@ -163,6 +168,50 @@ fn resumed_training_continues_where_it_stopped() {
         4,
         "log rows 10, 20, 30, 40 expected:\n{log}"
     );
+}
+
+#[test]
+fn sharded_gradients_match_one_shard() {
+    let tok = tokenizer();
+    let cfg = tiny_config(tok.vocab_size());
+    let (model, varmap) = build(&cfg, &Device::Cpu, 1).unwrap();
+    let vars = named_vars(&varmap);
+    let schedule = NoiseSchedule::new(cfg.schedule, cfg.diffusion_steps).unwrap();
+    let ids = batch(&tok, cfg.seq_len);
+    let grads = |shards: usize| {
+        let mut rngs: Vec<_> = (0..4)
+            .map(|i| rand::rngs::StdRng::seed_from_u64(i))
+            .collect();
+        step_gradients(
+            &model,
+            &schedule,
+            &vars,
+            &ids,
+            &[0, 10, 50, 99],
+            &mut rngs,
+            shards,
+        )
+        .unwrap()
+    };
+    let (one, three) = (grads(1), grads(3));
+    assert!((one.mse - three.mse).abs() < 1e-5 && (one.rounding - three.rounding).abs() < 1e-5);
+    for (name, var) in &vars {
+        let a = one.grads.get(var.as_tensor()).unwrap();
+        let b = three.grads.get(var.as_tensor()).unwrap();
+        let diff: f32 = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        let scale: f32 = a.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(
+            diff <= 1e-4 * scale.max(1e-3),
+            "{name}: sharded gradient differs by {diff} (scale {scale})"
+        );
+    }
 }
 
 #[test]

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::schedule::NoiseSchedule;
 use crate::model::DiffusionLm;
+use crate::parallel::{run_sharded, split};
 use crate::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
@@ -113,6 +114,25 @@ impl<'a> Sampler<'a> {
         &self.schedule
     }
 
+    /// The (clamped) x0 prediction, sharded over the worker threads on CPU.
+    fn predict_x0(&self, x_t: &Tensor, t: &Tensor) -> Result<Tensor> {
+        let shards = if x_t.device().is_cpu() {
+            crate::runtime::threads()
+        } else {
+            1
+        };
+        let parts = run_sharded(split(t.dim(0)?, shards), |(start, len)| {
+            let mut x0 = self
+                .model
+                .predict_x0(&x_t.narrow(0, start, len)?, &t.narrow(0, start, len)?)?;
+            if self.clamp {
+                x0 = self.model.clamp_to_embeddings(&x0)?;
+            }
+            Ok(x0)
+        })?;
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
     /// One reverse step. `x_t` [B, L, D]; `index[b]` is sequence b's step in the respaced schedule;
     /// `noise` [B, L, D] is used by DDPM only.
     pub fn step(&self, x_t: &Tensor, index: &[usize], noise: &Tensor) -> Result<StepOutput> {
@@ -126,10 +146,7 @@ impl<'a> Sampler<'a> {
             index.len(),
             device,
         )?;
-        let mut x0 = self.model.predict_x0(x_t, &t)?;
-        if self.clamp {
-            x0 = self.model.clamp_to_embeddings(&x0)?;
-        }
+        let x0 = self.predict_x0(x_t, &t)?;
         let x_prev = match self.kind {
             SamplerKind::Ddpm => {
                 let (c0, ct): (Vec<f64>, Vec<f64>) =

@@ -3,11 +3,12 @@
 //! x_t [B, L, D] → up-projection (D→H, tanh, H→H) + learned positions + timestep MLP →
 //! blocks of (LN → self-attention, LN → GELU MLP) → LN → down-projection (H→H, tanh, H→D).
 
-use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Init, VarBuilder};
 
 use super::config::ModelConfig;
-use super::layers::{apply_2d, linear, timestep_embedding, LayerNorm};
+use super::layers::{linear, timestep_embedding, LayerNorm, Linear};
+use super::ops::{gelu, softmax_last_dim};
 
 #[derive(Debug, Clone)]
 struct Attention {
@@ -35,16 +36,17 @@ impl Attention {
         let (b, l, h) = x.dims3()?;
         let hd = h / self.heads;
         let split = |layer: &Linear| -> Result<Tensor> {
-            apply_2d(layer, x)?
+            layer
+                .forward(x)?
                 .reshape((b, l, self.heads, hd))?
                 .transpose(1, 2)?
                 .contiguous()
         };
         let (q, k, v) = (split(&self.q)?, split(&self.k)?, split(&self.v)?);
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let probs = softmax_last_dim(&scores)?;
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h))?;
-        apply_2d(&self.out, &ctx)
+        self.out.forward(&ctx)
     }
 }
 
@@ -71,8 +73,8 @@ impl Block {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = (x + self.attn.forward(&self.ln_attn.forward(x)?)?)?;
-        let mlp = apply_2d(&self.fc_in, &self.ln_mlp.forward(&x)?)?.gelu_erf()?;
-        x + apply_2d(&self.fc_out, &mlp)?
+        let mlp = gelu(&self.fc_in.forward(&self.ln_mlp.forward(&x)?)?)?;
+        x + self.fc_out.forward(&mlp)?
     }
 }
 
@@ -120,7 +122,7 @@ impl Denoiser {
     /// Predicts x0 [B, L, D] from x_t [B, L, D] and timesteps `t` [B] (training-schedule units, f32).
     pub fn forward(&self, x_t: &Tensor, t: &Tensor) -> Result<Tensor> {
         let (_, l, _) = x_t.dims3()?;
-        let up = apply_2d(&self.up_out, &apply_2d(&self.up_in, x_t)?.tanh()?)?;
+        let up = self.up_out.forward(&self.up_in.forward(x_t)?.tanh()?)?;
         let temb = timestep_embedding(t, self.hidden)?;
         let temb = self
             .time_out
@@ -132,6 +134,6 @@ impl Denoiser {
             h = block.forward(&h)?;
         }
         let h = self.ln_final.forward(&h)?;
-        apply_2d(&self.down_out, &apply_2d(&self.down_in, &h)?.tanh()?)
+        self.down_out.forward(&self.down_in.forward(&h)?.tanh()?)
     }
 }

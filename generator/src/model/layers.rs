@@ -1,22 +1,51 @@
 //! Differentiable building blocks. candle's fused layer norm and softmax drop gradients
-//! (FINDINGS), so these compose plain ops that `backward` understands.
+//! (FINDINGS); ours ([`super::ops`]) carry their own backward.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_nn::{Init, VarBuilder};
 
-pub fn linear(inp: usize, out: usize, vb: VarBuilder) -> Result<Linear> {
-    candle_nn::linear(inp, out, vb)
+use super::ops::{bias_add, layer_norm};
+
+/// A dense layer y = x·Wᵀ + b over the last dimension, computed as one 2-D matrix product on the
+/// flattened rows (the layout both candle and an ONNX export run fastest).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Tensor,
 }
 
-/// Applies a linear layer to `[.., inp]` by flattening to a 2-D matrix product.
-pub fn apply_2d(layer: &Linear, x: &Tensor) -> Result<Tensor> {
-    let dims = x.dims();
-    let last = dims[dims.len() - 1];
-    let rows = x.elem_count() / last;
-    let y = layer.forward(&x.reshape((rows, last))?)?;
-    let mut out_dims = dims.to_vec();
-    *out_dims.last_mut().unwrap() = y.dim(1)?;
-    y.reshape(out_dims)
+/// A dense layer initialised as `candle_nn::linear` does (Kaiming-normal weight, uniform bias).
+pub fn linear(inp: usize, out: usize, vb: VarBuilder) -> Result<Linear> {
+    let weight = vb.get_with_hints(
+        (out, inp),
+        "weight",
+        candle_nn::init::DEFAULT_KAIMING_NORMAL,
+    )?;
+    let bound = 1.0 / (inp as f64).sqrt();
+    let bias = vb.get_with_hints(
+        out,
+        "bias",
+        Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+    )?;
+    Ok(Linear { weight, bias })
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let last = dims[dims.len() - 1];
+        let rows = x.elem_count() / last;
+        let y = bias_add(
+            &x.reshape((rows, last))?.matmul(&self.weight.t()?)?,
+            &self.bias,
+        )?;
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().unwrap() = y.dim(1)?;
+        y.reshape(out_dims)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -36,7 +65,7 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, 1e-5)
+        layer_norm(x, &self.weight, &self.bias)
     }
 }
 

@@ -7,6 +7,7 @@ pub mod denoiser;
 pub mod diffusion_lm;
 pub mod init;
 pub mod layers;
+pub mod ops;
 
 pub use config::ModelConfig;
 pub use diffusion_lm::{DiffusionLm, LoadedModel};

@@ -12,6 +12,7 @@ use rand::rngs::StdRng;
 
 use crate::diffusion::sampler::normal_noise;
 use crate::diffusion::NoiseSchedule;
+use crate::model::ops::cross_entropy;
 use crate::model::DiffusionLm;
 use crate::Result;
 
@@ -24,12 +25,13 @@ pub struct Losses {
 }
 
 /// Loss of a batch of word ids [B, L] at per-sequence timesteps `t` (training-schedule units).
+/// Sequence b draws its noise from `rngs[b]`, so how a batch is split never changes the draws.
 pub fn diffusion_loss(
     model: &DiffusionLm,
     schedule: &NoiseSchedule,
     ids: &Tensor,
     t: &[usize],
-    rng: &mut StdRng,
+    rngs: &mut [StdRng],
 ) -> Result<Losses> {
     let device = ids.device();
     let (b, l) = ids.dims2()?;
@@ -38,10 +40,8 @@ pub fn diffusion_loss(
     let ac = &schedule.alphas_cumprod;
 
     let x0_mean = model.embed(ids)?;
-    let mut rngs = [rng.clone()];
-    let start_noise = normal_noise(&mut rngs, b * l, d, device)?.reshape((b, l, d))?;
-    let step_noise = normal_noise(&mut rngs, b * l, d, device)?.reshape((b, l, d))?;
-    *rng = rngs[0].clone();
+    let start_noise = normal_noise(rngs, l, d, device)?;
+    let step_noise = normal_noise(rngs, l, d, device)?;
 
     let std0 = (1.0 - ac[0]).sqrt() as f32;
     let x_start = (&x0_mean + (&start_noise * std0 as f64)?)?;
@@ -61,8 +61,7 @@ pub fn diffusion_loss(
 
     let logits = model.logits(&x_start)?;
     let vocab = logits.dim(D::Minus1)?;
-    let rounding =
-        candle_nn::loss::cross_entropy(&logits.reshape((b * l, vocab))?, &ids.flatten_all()?)?;
+    let rounding = cross_entropy(&logits.reshape((b * l, vocab))?, &ids.flatten_all()?)?;
 
     let total = ((&mse + &prior)? + &rounding)?;
     Ok(Losses {

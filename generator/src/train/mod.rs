@@ -8,6 +8,7 @@ pub mod data;
 pub mod log;
 pub mod loss;
 pub mod optim;
+pub mod step;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -19,6 +20,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use crate::diffusion::sampler::sequence_rng;
 use crate::diffusion::NoiseSchedule;
 use crate::model::diffusion_lm::{build, save_model_dir, save_tensors, TOKENIZER_FILE};
 use crate::model::ModelConfig;
@@ -73,6 +75,8 @@ pub struct Trainer {
     pub show_progress: bool,
     /// Stop (with a checkpoint) once this step is reached, short of `steps`; `--resume` goes on.
     pub stop_at: Option<usize>,
+    /// Data-parallel shards per step (one thread each; see [`step`]).
+    pub shards: usize,
 }
 
 impl Trainer {
@@ -190,9 +194,10 @@ impl Trainer {
         let l = model_cfg.seq_len;
         let stop = self.stop_at.unwrap_or(cfg.steps).min(cfg.steps);
         while step < stop {
-            // One stream per step: a resumed run draws exactly what an uninterrupted one would.
-            let mut rng =
-                StdRng::seed_from_u64(cfg.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ step as u64);
+            // Streams keyed by (seed, step, sequence): a resumed run draws exactly what an
+            // uninterrupted one would, and the shard count does not change the draws.
+            let step_seed = cfg.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ step as u64;
+            let mut rng = StdRng::seed_from_u64(step_seed);
             let mut batch = Vec::with_capacity(cfg.batch_size * l);
             for _ in 0..cfg.batch_size {
                 batch.extend_from_slice(&seqs.ids[rng.random_range(0..seqs.ids.len())]);
@@ -201,8 +206,12 @@ impl Trainer {
             let t: Vec<usize> = (0..cfg.batch_size)
                 .map(|_| rng.random_range(0..schedule.len()))
                 .collect();
-            let losses = loss::diffusion_loss(&model, &schedule, &ids, &t, &mut rng)?;
-            let grads = losses.total.backward()?;
+            let mut rngs: Vec<StdRng> = (0..cfg.batch_size)
+                .map(|i| sequence_rng(step_seed, i))
+                .collect();
+            let out =
+                step::step_gradients(&model, &schedule, &vars, &ids, &t, &mut rngs, self.shards)?;
+            let grads = out.grads;
             let grad_norm = optim::global_grad_norm(&vars, &grads)?;
             if !grad_norm.is_finite() {
                 return Err(Error::Checkpoint(format!(
@@ -218,7 +227,7 @@ impl Trainer {
             opt.step(&grads, lr, scale)?;
             ema.update(&vars, step)?;
             step += 1;
-            window.add(&losses, grad_norm);
+            window.add(out.mse, out.prior, out.rounding, grad_norm);
             progress.inc(1);
 
             let last = step == stop;
@@ -296,13 +305,13 @@ struct Window {
 }
 
 impl Window {
-    fn add(&mut self, l: &loss::Losses, grad_norm: f64) {
+    fn add(&mut self, mse: f64, prior: f64, rounding: f64, grad_norm: f64) {
         self.started.get_or_insert_with(Instant::now);
         self.n += 1;
-        self.mse += l.mse as f64;
-        self.prior += l.prior as f64;
-        self.rounding += l.rounding as f64;
-        self.loss += (l.mse + l.prior + l.rounding) as f64;
+        self.mse += mse;
+        self.prior += prior;
+        self.rounding += rounding;
+        self.loss += mse + prior + rounding;
         self.grad_norm += grad_norm;
     }
 

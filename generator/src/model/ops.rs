@@ -1,0 +1,585 @@
+//! Fused CPU kernels with hand-written backward passes, for the ops that dominate a training step
+//! when composed from candle's element-wise primitives (each primitive is a full pass over memory,
+//! and candle's own fused kernels have no backward). On other devices the differentiable
+//! compositions are used instead.
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
+};
+
+const LN_EPS: f32 = 1e-5;
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    let data = match s {
+        CpuStorage::F32(v) => v.as_slice(),
+        _ => candle_core::bail!("{op}: only f32 is supported"),
+    };
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+fn row_stats(row: &[f32]) -> (f32, f32) {
+    let n = row.len() as f32;
+    let mean = row.iter().sum::<f32>() / n;
+    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + LN_EPS).sqrt())
+}
+
+/// Layer norm with scale and shift over the last dimension: (x − mean) / √(var + ε) · w + b.
+struct LayerNormOp;
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "dlm-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let w = contiguous_f32(s2, l2, self.name())?;
+        let b = contiguous_f32(s3, l3, self.name())?;
+        let h = w.len();
+        let mut out = vec![0f32; x.len()];
+        for (row, o) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
+            let (mean, rstd) = row_stats(row);
+            for (((o, v), wv), bv) in o.iter_mut().zip(row).zip(w).zip(b) {
+                *o = (v - mean) * rstd * wv + bv;
+            }
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // One kernel computes all three gradients, packed as [dx (N·H), dw (H), db (H)].
+        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormBackward)?;
+        let (n, h) = (x.elem_count(), w.elem_count());
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, n, h)?;
+        let db = packed.narrow(0, n + h, h)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// With x̂ = (x − mean)·rstd and g' = g·w:  dx = rstd · (g' − mean(g') − x̂ · mean(g'·x̂)),
+/// dw = Σ_rows g·x̂,  db = Σ_rows g.
+struct LayerNormBackward;
+
+impl CustomOp3 for LayerNormBackward {
+    fn name(&self) -> &'static str {
+        "dlm-layer-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let w = contiguous_f32(s2, l2, self.name())?;
+        let g = contiguous_f32(s3, l3, self.name())?;
+        let h = w.len();
+        let nf = h as f32;
+        let mut out = vec![0f32; x.len() + 2 * h];
+        let (dx, rest) = out.split_at_mut(x.len());
+        let (dw, db) = rest.split_at_mut(h);
+        let mut xhat = vec![0f32; h];
+        for ((xr, gr), o) in x
+            .chunks_exact(h)
+            .zip(g.chunks_exact(h))
+            .zip(dx.chunks_exact_mut(h))
+        {
+            let (mean, rstd) = row_stats(xr);
+            let (mut g_sum, mut gx_sum) = (0f32, 0f32);
+            for j in 0..h {
+                xhat[j] = (xr[j] - mean) * rstd;
+                let gw = gr[j] * w[j];
+                g_sum += gw;
+                gx_sum += gw * xhat[j];
+                dw[j] += gr[j] * xhat[j];
+                db[j] += gr[j];
+            }
+            let (g_mean, gx_mean) = (g_sum / nf, gx_sum / nf);
+            for j in 0..h {
+                o[j] = rstd * (gr[j] * w[j] - g_mean - xhat[j] * gx_mean);
+            }
+        }
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+}
+
+/// x [N, H] + b [H].
+struct BiasAdd;
+
+impl CustomOp2 for BiasAdd {
+    fn name(&self) -> &'static str {
+        "dlm-bias-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let b = contiguous_f32(s2, l2, self.name())?;
+        let mut out = x.to_vec();
+        for row in out.chunks_exact_mut(b.len()) {
+            row.iter_mut().zip(b).for_each(|(o, bv)| *o += bv);
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let db = grad
+            .contiguous()?
+            .apply_op1_no_bwd(&ColumnSum(b.elem_count()))?;
+        Ok((Some(grad.clone()), Some(db)))
+    }
+}
+
+/// Sums the rows of a row-major [N, H] buffer: H outputs. (candle's sum over dim 0 walks memory
+/// with stride H and was 8% of a training step.)
+struct ColumnSum(usize);
+
+impl CustomOp1 for ColumnSum {
+    fn name(&self) -> &'static str {
+        "dlm-column-sum"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = contiguous_f32(s, l, self.name())?;
+        let mut out = vec![0f32; self.0];
+        for row in g.chunks_exact(self.0) {
+            out.iter_mut().zip(row).for_each(|(o, v)| *o += v);
+        }
+        Ok((CpuStorage::F32(out), Shape::from(self.0)))
+    }
+}
+
+/// Softmax over the last dimension.
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "dlm-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, self.name())?;
+        let n = l.dims()[l.dims().len() - 1];
+        let mut out = vec![0f32; x.len()];
+        for (row, o) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for (o, v) in o.iter_mut().zip(row) {
+                *o = (v - max).exp();
+                sum += *o;
+            }
+            let inv = 1.0 / sum;
+            o.iter_mut().for_each(|v| *v *= inv);
+        }
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(res.apply_op2_no_bwd(
+            &grad_res.contiguous()?,
+            &SoftmaxBackward,
+        )?))
+    }
+}
+
+/// dx = y · (g − Σ g·y), from y and g.
+struct SoftmaxBackward;
+
+impl CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "dlm-softmax-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = contiguous_f32(s1, l1, self.name())?;
+        let g = contiguous_f32(s2, l2, self.name())?;
+        let n = l1.dims()[l1.dims().len() - 1];
+        let mut out = vec![0f32; y.len()];
+        for ((yr, gr), o) in y
+            .chunks_exact(n)
+            .zip(g.chunks_exact(n))
+            .zip(out.chunks_exact_mut(n))
+        {
+            let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+            for ((o, yv), gv) in o.iter_mut().zip(yr).zip(gr) {
+                *o = yv * (gv - dot);
+            }
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// erf with absolute error below 1.5e-7 (Abramowitz & Stegun 7.1.26); libm's erff was 15% of a
+/// training step.
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let sign = x.signum();
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152 + t * 1.061_405_4))));
+    sign * (1.0 - poly * (-a * a).exp())
+}
+
+const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+const FRAC_1_SQRT_2PI: f32 = 0.398_942_28;
+
+/// GELU with the exact (erf) form: x · Φ(x).
+struct Gelu;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "dlm-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, self.name())?;
+        let out = x
+            .iter()
+            .map(|&v| 0.5 * v * (1.0 + erf(v * FRAC_1_SQRT_2)))
+            .collect();
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(arg.apply_op2_no_bwd(
+            &grad_res.contiguous()?,
+            &GeluBackward,
+        )?))
+    }
+}
+
+/// d gelu / dx = Φ(x) + x φ(x).
+struct GeluBackward;
+
+impl CustomOp2 for GeluBackward {
+    fn name(&self) -> &'static str {
+        "dlm-gelu-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let g = contiguous_f32(s2, l2, self.name())?;
+        let out = x
+            .iter()
+            .zip(g)
+            .map(|(&v, &gv)| {
+                let cdf = 0.5 * (1.0 + erf(v * FRAC_1_SQRT_2));
+                let pdf = FRAC_1_SQRT_2PI * (-0.5 * v * v).exp();
+                gv * (cdf + v * pdf)
+            })
+            .collect();
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Per-row cross-entropy −log softmax(logits)[target]: logits [N, V] f32, targets [N] u32 → [N].
+struct CrossEntropy;
+
+fn targets_u32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::U32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("cross-entropy targets must be contiguous u32"),
+    }
+}
+
+/// Writes softmax(row) into `out` and returns log Σ exp(row).
+#[inline(always)]
+fn softmax_row(row: &[f32], out: &mut [f32]) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for (o, v) in out.iter_mut().zip(row) {
+        *o = (v - max).exp();
+        sum += *o;
+    }
+    let inv = 1.0 / sum;
+    out.iter_mut().for_each(|v| *v *= inv);
+    max + sum.ln()
+}
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "dlm-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let logits = contiguous_f32(s1, l1, self.name())?;
+        let targets = targets_u32(s2, l2)?;
+        let (n, v) = l1.shape().dims2()?;
+        let mut scratch = vec![0f32; v];
+        let mut out = Vec::with_capacity(n);
+        for (row, &t) in logits.chunks_exact(v).zip(targets) {
+            let log_z = softmax_row(row, &mut scratch);
+            out.push(log_z - row[t as usize]);
+        }
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad =
+            logits.apply_op3_no_bwd(targets, &grad_res.contiguous()?, &CrossEntropyBackward)?;
+        Ok((Some(grad), None))
+    }
+}
+
+/// d/dlogits = g_row · (softmax(logits) − onehot(target)).
+struct CrossEntropyBackward;
+
+impl CustomOp3 for CrossEntropyBackward {
+    fn name(&self) -> &'static str {
+        "dlm-cross-entropy-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let logits = contiguous_f32(s1, l1, self.name())?;
+        let targets = targets_u32(s2, l2)?;
+        let g = contiguous_f32(s3, l3, self.name())?;
+        let (_, v) = l1.shape().dims2()?;
+        let mut out = vec![0f32; logits.len()];
+        for (((row, o), &t), &gr) in logits
+            .chunks_exact(v)
+            .zip(out.chunks_exact_mut(v))
+            .zip(targets)
+            .zip(g)
+        {
+            softmax_row(row, o);
+            o[t as usize] -= 1.0;
+            o.iter_mut().for_each(|x| *x *= gr);
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// x [.., H] + b [H].
+pub fn bias_add(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        x.contiguous()?.apply_op2(bias, BiasAdd)
+    } else {
+        x.broadcast_add(bias)
+    }
+}
+
+/// GELU (erf form).
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        x.contiguous()?.apply_op1(Gelu)
+    } else {
+        x.gelu_erf()
+    }
+}
+
+/// Mean cross-entropy of logits [N, V] against targets [N] (u32).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if logits.device().is_cpu() {
+        let targets = targets.to_dtype(DType::U32)?.contiguous()?;
+        logits
+            .contiguous()?
+            .apply_op2(&targets, CrossEntropy)?
+            .mean_all()
+    } else {
+        candle_nn::loss::cross_entropy(logits, targets)
+    }
+}
+
+/// Layer norm over the last dimension with a learned scale and shift.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        x.contiguous()?.apply_op3(weight, bias, LayerNormOp)
+    } else {
+        candle_nn::ops::layer_norm_slow(x, weight, bias, LN_EPS)
+    }
+}
+
+/// Softmax over the last dimension.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        x.contiguous()?.apply_op1(Softmax)
+    } else {
+        candle_nn::ops::softmax(x, D::Minus1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn fused_ops_match_the_compositions_forward_and_backward() {
+        let dev = Device::Cpu;
+        let x =
+            Var::from_tensor(&(Tensor::randn(0f32, 2.0, (3, 5, 16), &dev).unwrap() + 0.7).unwrap())
+                .unwrap();
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.3, 16, &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.3, 16, &dev).unwrap()).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (3, 5, 16), &dev).unwrap();
+
+        let fused = layer_norm(&x, &w, &b).unwrap();
+        let slow = candle_nn::ops::layer_norm_slow(&x, &w, &b, LN_EPS).unwrap();
+        assert!(max_abs_diff(&fused, &slow) < 1e-5);
+        let gf = (&fused * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gs = (&slow * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &w, &b] {
+            let d = max_abs_diff(gf.get(v).unwrap(), gs.get(v).unwrap());
+            assert!(d < 1e-4, "layer norm gradient differs by {d}");
+        }
+
+        let fused = bias_add(&x, &b).unwrap();
+        let slow = x.broadcast_add(&b).unwrap();
+        assert!(max_abs_diff(&fused, &slow) < 1e-7);
+        let gf = (&fused * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gs = (&slow * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &b] {
+            let d = max_abs_diff(gf.get(v).unwrap(), gs.get(v).unwrap());
+            assert!(d < 1e-5, "bias-add gradient differs by {d}");
+        }
+
+        let fused = softmax_last_dim(&x).unwrap();
+        let slow = candle_nn::ops::softmax(&x, D::Minus1).unwrap();
+        assert!(max_abs_diff(&fused, &slow) < 1e-6);
+        let gf = (&fused * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gs = (&slow * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let d = max_abs_diff(gf.get(&x).unwrap(), gs.get(&x).unwrap());
+        assert!(d < 1e-5, "softmax gradient differs by {d}");
+
+        let fused = gelu(&x).unwrap();
+        let exact = x.as_tensor().gelu_erf().unwrap();
+        assert!(max_abs_diff(&fused, &exact) < 1e-5);
+        let gf = (&fused * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let ge = (&exact * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let d = max_abs_diff(gf.get(&x).unwrap(), ge.get(&x).unwrap());
+        assert!(d < 1e-5, "gelu gradient differs by {d}");
+
+        let logits = Var::from_tensor(&Tensor::randn(0f32, 3.0, (7, 11), &dev).unwrap()).unwrap();
+        let targets = Tensor::new(&[0u32, 3, 10, 5, 5, 1, 2], &dev).unwrap();
+        let fused = cross_entropy(&logits, &targets).unwrap();
+        let slow = candle_nn::loss::cross_entropy(&logits, &targets).unwrap();
+        assert!(max_abs_diff(&fused, &slow) < 1e-5);
+        let gf = fused.backward().unwrap();
+        let gs = slow.backward().unwrap();
+        let d = max_abs_diff(gf.get(&logits).unwrap(), gs.get(&logits).unwrap());
+        assert!(d < 1e-6, "cross-entropy gradient differs by {d}");
+    }
+}

@@ -1,0 +1,94 @@
+//! One training step's gradients, computed data-parallel: the batch is split into shards, each shard
+//! runs forward and backward on its own OS thread with single-threaded tensor math, and the shard
+//! gradients are averaged. candle runs element-wise ops on one core only, so this keeps every core
+//! busy for the whole step instead of for the matrix products alone.
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+use rand::rngs::StdRng;
+
+use super::loss::diffusion_loss;
+use crate::diffusion::NoiseSchedule;
+use crate::model::DiffusionLm;
+use crate::parallel::{run_sharded, split};
+use crate::Result;
+
+/// Loss terms (batch means) and the gradients of the total.
+pub struct StepGradients {
+    pub mse: f64,
+    pub prior: f64,
+    pub rounding: f64,
+    pub grads: GradStore,
+}
+
+/// Gradients of the mean loss over the batch `ids` [B, L] with timesteps `t` and one random stream
+/// per sequence, computed over `shards` threads.
+pub fn step_gradients(
+    model: &DiffusionLm,
+    schedule: &NoiseSchedule,
+    vars: &[(String, Var)],
+    ids: &Tensor,
+    t: &[usize],
+    rngs: &mut [StdRng],
+    shards: usize,
+) -> Result<StepGradients> {
+    let b = t.len();
+    let pieces = split(b, shards);
+    let mut states = Vec::with_capacity(pieces.len());
+    let mut rest = rngs;
+    for &piece in &pieces {
+        let (head, tail) = rest.split_at_mut(piece.1);
+        states.push((piece, head));
+        rest = tail;
+    }
+    let results = run_sharded(states, |((start, len), rngs)| {
+        let ids = ids.narrow(0, start, len)?;
+        let losses = diffusion_loss(model, schedule, &ids, &t[start..start + len], rngs)?;
+        let grads = losses.total.backward()?;
+        Ok((
+            losses.mse as f64,
+            losses.prior as f64,
+            losses.rounding as f64,
+            grads,
+        ))
+    })?;
+    // Each shard's loss is a mean over its own sequences: weight by shard size.
+    let mut shard_grads = Vec::with_capacity(pieces.len());
+    let (mut mse, mut prior, mut rounding) = (0f64, 0f64, 0f64);
+    for ((_, len), (m, p, r, grads)) in pieces.iter().zip(results) {
+        let w = *len as f64 / b as f64;
+        mse += w * m;
+        prior += w * p;
+        rounding += w * r;
+        shard_grads.push((w, grads));
+    }
+    let mut combined: Vec<(Tensor, Tensor)> = Vec::new();
+    if shard_grads.len() > 1 {
+        for (_, var) in vars {
+            let mut sum: Option<Tensor> = None;
+            for (w, grads) in &shard_grads {
+                if let Some(g) = grads.get(var.as_tensor()) {
+                    let g = (g * *w)?;
+                    sum = Some(match sum {
+                        Some(s) => (s + g)?,
+                        None => g,
+                    });
+                }
+            }
+            if let Some(g) = sum {
+                combined.push((var.as_tensor().clone(), g));
+            }
+        }
+    }
+    // The first shard's store (GradStore has no public constructor) receives the averages.
+    let mut grads = shard_grads.swap_remove(0).1;
+    for (var, g) in combined {
+        grads.insert(&var, g);
+    }
+    Ok(StepGradients {
+        mse,
+        prior,
+        rounding,
+        grads,
+    })
+}
