@@ -69,14 +69,25 @@ pub fn bench(
         .collect();
     let mut rngs: Vec<StdRng> = (0..batch).map(|i| sequence_rng(1, i)).collect();
     let train_step_ms = time_ms(reps, || {
-        let out = step_gradients(&model, &schedule, &vars, &ids, &t, &mut rngs, threads)?;
+        let out = step_gradients(
+            &model,
+            &schedule,
+            &vars,
+            &ids,
+            &t,
+            &mut rngs,
+            config.self_condition,
+            threads,
+        )?;
         opt.step(&out.grads, 1e-4, 1.0)
     })?;
 
     let sampler = Sampler::new(&model, 200, SamplerKind::Ddpm, true)?;
     let x = Tensor::randn(0f32, 1.0, (batch, l, config.embed_dim), &device)?;
     let index = vec![100; batch];
-    let sample_step_ms = time_ms(reps * 2, || sampler.step(&x, &index, &x).map(|_| ()))?;
+    let sample_step_ms = time_ms(reps * 2, || {
+        sampler.step(&x, &index, &x, Some(&x)).map(|_| ())
+    })?;
     Ok(BenchRow {
         model: name.to_string(),
         params,

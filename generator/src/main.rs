@@ -113,6 +113,10 @@ struct TrainArgs {
     /// Also train on references that contain out-of-vocabulary words (as UNK).
     #[arg(long, env = "DLM_KEEP_UNK")]
     keep_unk: bool,
+    /// Train on references longer than the canvas too, cut to fit (by default they are left out,
+    /// so that END always follows a complete text).
+    #[arg(long, env = "DLM_KEEP_LONG")]
+    keep_long: bool,
     #[command(flatten)]
     model: ModelArgs,
     #[arg(long, env = "DLM_LOG_EVERY", default_value_t = 50)]
@@ -147,6 +151,9 @@ struct ModelArgs {
     diffusion_steps: usize,
     #[arg(long, env = "DLM_SCHEDULE", value_enum, default_value_t = ScheduleKind::Sqrt)]
     schedule: ScheduleKind,
+    /// Self-conditioning: the denoiser also sees its previous x0 estimate.
+    #[arg(long, env = "DLM_SELF_CONDITION")]
+    self_condition: bool,
 }
 
 #[derive(Args)]
@@ -238,9 +245,11 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
             seq_len: m.seq_len,
             diffusion_steps: m.diffusion_steps,
             schedule: m.schedule,
+            self_condition: m.self_condition,
         },
         min_count: args.min_count,
         drop_unk: !args.keep_unk,
+        drop_long: !args.keep_long,
         steps: args.steps,
         batch_size: args.batch_size,
         lr: args.lr,

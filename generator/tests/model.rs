@@ -29,6 +29,7 @@ fn tiny_config(vocab_size: usize) -> ModelConfig {
         seq_len: 12,
         diffusion_steps: 100,
         schedule: ScheduleKind::Sqrt,
+        self_condition: true,
     }
 }
 
@@ -60,6 +61,7 @@ fn every_trainable_tensor_gets_a_nonzero_gradient() {
         &batch(&tok, cfg.seq_len),
         &[0, 10, 50, 99],
         &mut rngs,
+        true,
     )
     .unwrap();
     let grads = losses.total.backward().unwrap();
@@ -94,6 +96,7 @@ fn train_tiny(
             model: tiny_config(0),
             min_count: 1,
             drop_unk: true,
+            drop_long: true,
             steps,
             batch_size: 16,
             lr: 3e-3,
@@ -189,6 +192,7 @@ fn sharded_gradients_match_one_shard() {
             &ids,
             &[0, 10, 50, 99],
             &mut rngs,
+            true,
             shards,
         )
         .unwrap()
@@ -226,7 +230,7 @@ fn checkpoint_round_trip_gives_identical_outputs() {
     let x = Tensor::randn(0f32, 1.0, (3, cfg.seq_len, cfg.embed_dim), &Device::Cpu).unwrap();
     let t = Tensor::new(&[0f32, 40.0, 99.0], &Device::Cpu).unwrap();
     let a = model
-        .predict_x0(&x, &t)
+        .predict_x0(&x, &t, Some(&x))
         .unwrap()
         .flatten_all()
         .unwrap()
@@ -234,7 +238,7 @@ fn checkpoint_round_trip_gives_identical_outputs() {
         .unwrap();
     let b = loaded
         .model
-        .predict_x0(&x, &t)
+        .predict_x0(&x, &t, Some(&x))
         .unwrap()
         .flatten_all()
         .unwrap()

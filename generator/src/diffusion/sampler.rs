@@ -82,7 +82,7 @@ fn per_sequence(values: impl Iterator<Item = f64>, device: &Device) -> Result<Te
 pub struct StepOutput {
     /// The next latents x_{i−1}.
     pub x_prev: Tensor,
-    /// The (clamped, when asked) x0 prediction of this step.
+    /// The model's raw x0 estimate of this step (what self-conditioning feeds back).
     pub x0: Tensor,
 }
 
@@ -114,28 +114,46 @@ impl<'a> Sampler<'a> {
         &self.schedule
     }
 
-    /// The (clamped) x0 prediction, sharded over the worker threads on CPU.
-    fn predict_x0(&self, x_t: &Tensor, t: &Tensor) -> Result<Tensor> {
+    /// The raw and the (clamped) x0 predictions, sharded over the worker threads on CPU.
+    fn predict_x0(
+        &self,
+        x_t: &Tensor,
+        t: &Tensor,
+        previous: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
         let shards = if x_t.device().is_cpu() {
             crate::runtime::threads()
         } else {
             1
         };
         let parts = run_sharded(split(t.dim(0)?, shards), |(start, len)| {
-            let mut x0 = self
-                .model
-                .predict_x0(&x_t.narrow(0, start, len)?, &t.narrow(0, start, len)?)?;
-            if self.clamp {
-                x0 = self.model.clamp_to_embeddings(&x0)?;
-            }
-            Ok(x0)
+            let previous = previous.map(|p| p.narrow(0, start, len)).transpose()?;
+            let raw = self.model.predict_x0(
+                &x_t.narrow(0, start, len)?,
+                &t.narrow(0, start, len)?,
+                previous.as_ref(),
+            )?;
+            let used = if self.clamp {
+                self.model.clamp_to_embeddings(&raw)?
+            } else {
+                raw.clone()
+            };
+            Ok((raw, used))
         })?;
-        Ok(Tensor::cat(&parts, 0)?)
+        let (raw, used): (Vec<Tensor>, Vec<Tensor>) = parts.into_iter().unzip();
+        Ok((Tensor::cat(&raw, 0)?, Tensor::cat(&used, 0)?))
     }
 
     /// One reverse step. `x_t` [B, L, D]; `index[b]` is sequence b's step in the respaced schedule;
-    /// `noise` [B, L, D] is used by DDPM only.
-    pub fn step(&self, x_t: &Tensor, index: &[usize], noise: &Tensor) -> Result<StepOutput> {
+    /// `noise` [B, L, D] is used by DDPM only; `previous` is the last step's raw x0 estimate
+    /// (self-conditioning models only).
+    pub fn step(
+        &self,
+        x_t: &Tensor,
+        index: &[usize],
+        noise: &Tensor,
+        previous: Option<&Tensor>,
+    ) -> Result<StepOutput> {
         let device = x_t.device();
         let s = &self.schedule;
         let t = Tensor::from_vec(
@@ -146,7 +164,7 @@ impl<'a> Sampler<'a> {
             index.len(),
             device,
         )?;
-        let x0 = self.predict_x0(x_t, &t)?;
+        let (raw_x0, x0) = self.predict_x0(x_t, &t, previous)?;
         let x_prev = match self.kind {
             SamplerKind::Ddpm => {
                 let (c0, ct): (Vec<f64>, Vec<f64>) =
@@ -170,7 +188,7 @@ impl<'a> Sampler<'a> {
                 x0.broadcast_mul(&sap)?.add(&eps.broadcast_mul(&s1p)?)?
             }
         };
-        Ok(StepOutput { x_prev, x0 })
+        Ok(StepOutput { x_prev, x0: raw_x0 })
     }
 
     /// Samples `n` sequences from pure noise, `batch_size` at a time.
@@ -193,6 +211,7 @@ impl<'a> Sampler<'a> {
                 .map(|i| sequence_rng(seed, i))
                 .collect();
             let mut x = normal_noise(&mut rngs, l, d, device)?;
+            let mut previous: Option<Tensor> = None;
             for i in (0..self.schedule.len()).rev() {
                 let step_start = Instant::now();
                 let noise = if self.kind == SamplerKind::Ddpm && i > 0 {
@@ -200,8 +219,9 @@ impl<'a> Sampler<'a> {
                 } else {
                     x.zeros_like()?
                 };
-                let out = self.step(&x, &vec![i; count], &noise)?;
+                let out = self.step(&x, &vec![i; count], &noise, previous.as_ref())?;
                 x = out.x_prev;
+                previous = Some(out.x0);
                 step_ms.push(step_start.elapsed().as_secs_f64() * 1e3);
             }
             // At i = 0 both samplers return the x0 prediction itself (ᾱ_prev = 1): round it.

@@ -24,6 +24,9 @@ pub struct ModelConfig {
     /// Diffusion steps T of the training schedule.
     pub diffusion_steps: usize,
     pub schedule: ScheduleKind,
+    /// Self-conditioning (Chen et al. 2022): the denoiser also sees its previous x0 estimate.
+    #[serde(default)]
+    pub self_condition: bool,
 }
 
 impl Default for ModelConfig {
@@ -38,6 +41,7 @@ impl Default for ModelConfig {
             seq_len: 64,
             diffusion_steps: 2000,
             schedule: ScheduleKind::Sqrt,
+            self_condition: false,
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The denoiser: a pre-LN transformer encoder that predicts the clean latents x0 from (x_t, t).
 //!
-//! x_t [B, L, D] → up-projection (D→H, tanh, H→H) + learned positions + timestep MLP →
+//! x_t [B, L, D] (with the previous x0 estimate beside it under self-conditioning) → up-projection (D→H, tanh, H→H) + learned positions + timestep MLP →
 //! blocks of (LN → self-attention, LN → GELU MLP) → LN → down-projection (H→H, tanh, H→D).
 
 use candle_core::{Module, Result, Tensor};
@@ -90,6 +90,7 @@ pub struct Denoiser {
     down_in: Linear,
     down_out: Linear,
     hidden: usize,
+    self_condition: bool,
 }
 
 impl Denoiser {
@@ -99,7 +100,11 @@ impl Denoiser {
             .map(|i| Block::new(cfg, vb.pp(format!("blocks.{i}"))))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            up_in: linear(d, h, vb.pp("up_in"))?,
+            up_in: linear(
+                if cfg.self_condition { 2 * d } else { d },
+                h,
+                vb.pp("up_in"),
+            )?,
             up_out: linear(h, h, vb.pp("up_out"))?,
             positions: vb.get_with_hints(
                 (cfg.seq_len, h),
@@ -116,13 +121,24 @@ impl Denoiser {
             down_in: linear(h, h, vb.pp("down_in"))?,
             down_out: linear(h, d, vb.pp("down_out"))?,
             hidden: h,
+            self_condition: cfg.self_condition,
         })
     }
 
     /// Predicts x0 [B, L, D] from x_t [B, L, D] and timesteps `t` [B] (training-schedule units, f32).
-    pub fn forward(&self, x_t: &Tensor, t: &Tensor) -> Result<Tensor> {
+    /// With self-conditioning, `previous` is the last x0 estimate (zeros when there is none).
+    pub fn forward(&self, x_t: &Tensor, t: &Tensor, previous: Option<&Tensor>) -> Result<Tensor> {
         let (_, l, _) = x_t.dims3()?;
-        let up = self.up_out.forward(&self.up_in.forward(x_t)?.tanh()?)?;
+        let input = if self.self_condition {
+            let previous = match previous {
+                Some(p) => p.clone(),
+                None => x_t.zeros_like()?,
+            };
+            Tensor::cat(&[x_t, &previous], 2)?
+        } else {
+            x_t.clone()
+        };
+        let up = self.up_out.forward(&self.up_in.forward(&input)?.tanh()?)?;
         let temb = timestep_embedding(t, self.hidden)?;
         let temb = self
             .time_out

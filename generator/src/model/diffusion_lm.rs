@@ -62,9 +62,15 @@ impl DiffusionLm {
             .reshape((b, l, self.config.embed_dim))
     }
 
-    /// x0 prediction [B, L, D] from x_t [B, L, D] and per-sequence timesteps [B] (f32).
-    pub fn predict_x0(&self, x_t: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
-        self.denoiser.forward(x_t, t)
+    /// x0 prediction [B, L, D] from x_t [B, L, D] and per-sequence timesteps [B] (f32); `previous`
+    /// is the last x0 estimate for self-conditioning models (ignored otherwise).
+    pub fn predict_x0(
+        &self,
+        x_t: &Tensor,
+        t: &Tensor,
+        previous: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        self.denoiser.forward(x_t, t, previous)
     }
 
     /// Rounding logits x0·Eᵀ + b: [B, L, D] → [B, L, V].

@@ -30,6 +30,7 @@ pub fn references(data_dir: &Path, file: &str) -> Result<Vec<String>> {
 pub struct Sequences {
     pub ids: Vec<Vec<u32>>,
     pub dropped_unk: usize,
+    pub dropped_long: usize,
 }
 
 pub fn encode_all(
@@ -37,10 +38,15 @@ pub fn encode_all(
     texts: &[String],
     seq_len: usize,
     drop_unk: bool,
+    drop_long: bool,
 ) -> Result<Sequences> {
     let mut ids = Vec::with_capacity(texts.len());
-    let mut dropped_unk = 0;
+    let (mut dropped_unk, mut dropped_long) = (0, 0);
     for text in texts {
+        if drop_long && tokenizer.encode(text)?.len() + 2 > seq_len {
+            dropped_long += 1;
+            continue;
+        }
         let seq = tokenizer.encode_padded(text, seq_len)?;
         if drop_unk && seq.contains(&tokenizer.unk_id()) {
             dropped_unk += 1;
@@ -48,5 +54,9 @@ pub fn encode_all(
         }
         ids.push(seq);
     }
-    Ok(Sequences { ids, dropped_unk })
+    Ok(Sequences {
+        ids,
+        dropped_unk,
+        dropped_long,
+    })
 }

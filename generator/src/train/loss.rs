@@ -32,6 +32,7 @@ pub fn diffusion_loss(
     ids: &Tensor,
     t: &[usize],
     rngs: &mut [StdRng],
+    self_condition: bool,
 ) -> Result<Losses> {
     let device = ids.device();
     let (b, l) = ids.dims2()?;
@@ -50,7 +51,14 @@ pub fn diffusion_loss(
     let x_t = (x_start.broadcast_mul(&sqrt_ac)? + step_noise.broadcast_mul(&sqrt_1m_ac)?)?;
 
     let t_in = Tensor::from_vec(t.iter().map(|&i| i as f32).collect::<Vec<_>>(), b, device)?;
-    let x0_hat = model.predict_x0(&x_t, &t_in)?;
+    // Self-conditioning: on the steps that use it, a first, gradient-free pass provides the estimate
+    // the second pass is conditioned on (at sampling time it is the previous step's estimate).
+    let previous = if self_condition && model.config.self_condition {
+        Some(model.predict_x0(&x_t, &t_in, None)?.detach())
+    } else {
+        None
+    };
+    let x0_hat = model.predict_x0(&x_t, &t_in, previous.as_ref())?;
     // At t = 0 the target is the clean embedding itself; elsewhere the slightly noised x0.
     let target_noise = column(t.iter().map(|&i| if i == 0 { 0.0 } else { std0 }).collect())?;
     let target = (&x0_mean + start_noise.broadcast_mul(&target_noise)?)?;

@@ -39,6 +39,9 @@ pub struct TrainConfig {
     pub min_count: u64,
     /// Leave out references that contain a word outside the vocabulary.
     pub drop_unk: bool,
+    /// Leave out references that do not fit in the canvas with START and END.
+    #[serde(default)]
+    pub drop_long: bool,
     pub steps: usize,
     pub batch_size: usize,
     pub lr: f64,
@@ -118,7 +121,13 @@ impl Trainer {
         };
         let mut model_cfg = cfg.model.clone();
         model_cfg.vocab_size = tokenizer.vocab_size();
-        let seqs = data::encode_all(&tokenizer, texts, model_cfg.seq_len, cfg.drop_unk)?;
+        let seqs = data::encode_all(
+            &tokenizer,
+            texts,
+            model_cfg.seq_len,
+            cfg.drop_unk,
+            cfg.drop_long,
+        )?;
         if seqs.ids.is_empty() {
             return Err(Error::invalid(
                 "min_count",
@@ -132,6 +141,7 @@ impl Trainer {
         tracing::info!(
             sequences = seqs.ids.len(),
             dropped_unk = seqs.dropped_unk,
+            dropped_long = seqs.dropped_long,
             vocab = model_cfg.vocab_size,
             "training data ready"
         );
@@ -206,11 +216,21 @@ impl Trainer {
             let t: Vec<usize> = (0..cfg.batch_size)
                 .map(|_| rng.random_range(0..schedule.len()))
                 .collect();
+            // Half the steps train the self-conditioned pass (when the model has one).
+            let self_condition = rng.random_bool(0.5);
             let mut rngs: Vec<StdRng> = (0..cfg.batch_size)
                 .map(|i| sequence_rng(step_seed, i))
                 .collect();
-            let out =
-                step::step_gradients(&model, &schedule, &vars, &ids, &t, &mut rngs, self.shards)?;
+            let out = step::step_gradients(
+                &model,
+                &schedule,
+                &vars,
+                &ids,
+                &t,
+                &mut rngs,
+                self_condition,
+                self.shards,
+            )?;
             let grads = out.grads;
             let grad_norm = optim::global_grad_norm(&vars, &grads)?;
             if !grad_norm.is_finite() {

@@ -30,6 +30,7 @@ pub fn step_gradients(
     ids: &Tensor,
     t: &[usize],
     rngs: &mut [StdRng],
+    self_condition: bool,
     shards: usize,
 ) -> Result<StepGradients> {
     let b = t.len();
@@ -43,7 +44,14 @@ pub fn step_gradients(
     }
     let results = run_sharded(states, |((start, len), rngs)| {
         let ids = ids.narrow(0, start, len)?;
-        let losses = diffusion_loss(model, schedule, &ids, &t[start..start + len], rngs)?;
+        let losses = diffusion_loss(
+            model,
+            schedule,
+            &ids,
+            &t[start..start + len],
+            rngs,
+            self_condition,
+        )?;
         let grads = losses.total.backward()?;
         Ok((
             losses.mse as f64,
