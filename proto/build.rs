@@ -6,7 +6,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptor = std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("dlm_descriptor.bin");
     tonic_prost_build::configure()
         .file_descriptor_set_path(&descriptor)
-        .compile_protos(&["dlm/v1/generator.proto"], &["."])?;
+        .compile_protos(
+            &[
+                "dlm/v1/generator.proto",
+                "dlm/v1/guide.proto",
+                "inference/grpc_service.proto",
+            ],
+            &["."],
+        )?;
     println!("cargo:rerun-if-changed=dlm");
+    println!("cargo:rerun-if-changed=inference");
     Ok(())
 }

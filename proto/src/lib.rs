@@ -1,6 +1,8 @@
 //! dlm-proto: the wire contracts of dlm, and nothing else.
 //!
-//! - [`dlm::v1`]: the generator's public API (`dlm/v1/generator.proto`).
+//! - [`dlm::v1`]: the generator's public API (`dlm/v1/generator.proto`) and guide cards
+//!   (`dlm/v1/guide.proto`).
+//! - [`inference`]: the Open Inference Protocol (KServe v2) that guides speak.
 //!
 //! The encoded file descriptor set is exported for gRPC reflection.
 
@@ -8,6 +10,10 @@ pub mod dlm {
     pub mod v1 {
         tonic::include_proto!("dlm.v1");
     }
+}
+
+pub mod inference {
+    tonic::include_proto!("inference");
 }
 
 /// Encoded `FileDescriptorSet` of every .proto here (for gRPC server reflection).

@@ -48,12 +48,15 @@ impl CustomOp3 for LayerNormOp {
         let w = contiguous_f32(s2, l2, self.name())?;
         let b = contiguous_f32(s3, l3, self.name())?;
         let h = w.len();
-        let mut out = vec![0f32; x.len()];
-        for (row, o) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
+        let mut out = Vec::with_capacity(x.len());
+        for row in x.chunks_exact(h) {
             let (mean, rstd) = row_stats(row);
-            for (((o, v), wv), bv) in o.iter_mut().zip(row).zip(w).zip(b) {
-                *o = (v - mean) * rstd * wv + bv;
-            }
+            out.extend(
+                row.iter()
+                    .zip(w)
+                    .zip(b)
+                    .map(|((v, wv), bv)| (v - mean) * rstd * wv + bv),
+            );
         }
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -196,15 +199,13 @@ impl CustomOp1 for Softmax {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, self.name())?;
         let n = l.dims()[l.dims().len() - 1];
-        let mut out = vec![0f32; x.len()];
-        for (row, o) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+        let mut out = Vec::with_capacity(x.len());
+        for row in x.chunks_exact(n) {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for (o, v) in o.iter_mut().zip(row) {
-                *o = (v - max).exp();
-                sum += *o;
-            }
-            let inv = 1.0 / sum;
+            let first = out.len();
+            out.extend(row.iter().map(|v| (v - max).exp()));
+            let o = &mut out[first..];
+            let inv = 1.0 / o.iter().sum::<f32>();
             o.iter_mut().for_each(|v| *v *= inv);
         }
         Ok((CpuStorage::F32(out), l.shape().clone()))

@@ -1,0 +1,343 @@
+"""Train a dlm guide: p(c | x_t, t) over the E2E semantic fields, on noisy latents made with a
+generator checkpoint's frozen embedding and noise schedule, then export the gradient graph
+
+    (latents FP32 [B, L, D], timesteps INT64 [B], targets INT64 [B, F])
+        -> (log_prob FP32 [B], grad FP32 [B, L, D] = d log_prob / d latents)
+
+to ONNX with jax.value_and_grad + jax2onnx, check ONNX Runtime against JAX, and write the guide card
+(label space, embedding fingerprint, T, schedule) into the model's metadata_props and `card.json`.
+
+    python guide/train/train_classifier.py --generator models/e2e-small \
+        --out models/guides/e2e-semantic/1
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import onnx
+import onnxruntime as ort
+from safetensors.numpy import load_file
+from tokenizers import Tokenizer
+
+FIELDS = ["name", "eatType", "food", "priceRange", "customer rating", "area", "familyFriendly", "near"]
+ABSENT = "absent"
+CARD_KEY = "dlm.card"
+
+
+# ---------------------------------------------------------------- generator side (must match Rust)
+
+def alphas_cumprod(schedule: str, steps: int) -> np.ndarray:
+    """The generator's discrete schedule (generator/src/diffusion/schedule.rs)."""
+    if schedule == "linear":
+        scale = 1000.0 / steps
+        betas = np.linspace(scale * 1e-4, scale * 0.02, steps)
+    else:
+        if schedule == "sqrt":
+            abar = lambda s: 1.0 - np.sqrt(s + 1e-4)
+        elif schedule == "cosine":
+            abar = lambda s: np.cos((s + 0.008) / 1.008 * np.pi / 2) ** 2
+        else:
+            raise SystemExit(f"error: unknown schedule {schedule!r}")
+        i = np.arange(steps, dtype=np.float64)
+        betas = np.minimum(1.0 - abar((i + 1) / steps) / abar(i / steps), 0.999)
+    return np.cumprod(1.0 - np.minimum(betas, 0.999))
+
+
+def embedding_fingerprint(embedding: np.ndarray) -> str:
+    """sha256 of the embedding table as little-endian f32, row-major (the generator computes the same)."""
+    return hashlib.sha256(np.ascontiguousarray(embedding, dtype="<f4").tobytes()).hexdigest()
+
+
+def parse_mr(mr: str) -> dict[str, str]:
+    out = {}
+    for part in mr.split("],"):
+        part = part.strip().rstrip("]")
+        if "[" in part:
+            k, v = part.split("[", 1)
+            out[k.strip()] = v.strip()
+    return out
+
+
+def read_split(path: pathlib.Path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return [(parse_mr(r["mr"]), r["ref"].strip()) for r in csv.DictReader(f)]
+
+
+def encode(tok: Tokenizer, text: str, seq_len: int) -> list[int] | None:
+    """START words END PAD... exactly as the generator pads (None if it does not fit)."""
+    ids = tok.encode(text, add_special_tokens=False).ids
+    if len(ids) + 2 > seq_len:
+        return None
+    start, end, pad = (tok.token_to_id(t) for t in ("[START]", "[END]", "[PAD]"))
+    return ([start] + ids + [end] + [pad] * seq_len)[:seq_len]
+
+
+# ---------------------------------------------------------------- classifier
+
+def init_params(key, d, h, layers, seq_len, n_out):
+    def dense(key, i, o):
+        return {"w": jax.random.normal(key, (i, o)) * (1.0 / math.sqrt(i)), "b": jnp.zeros(o)}
+    keys = iter(jax.random.split(key, 8 + 8 * layers))
+    p = {
+        "inp": dense(next(keys), d, h),
+        "t1": dense(next(keys), h, h),
+        "t2": dense(next(keys), h, h),
+        "pos": jax.random.normal(next(keys), (seq_len, h)) * 0.02,
+        "ln_f": {"g": jnp.ones(h), "b": jnp.zeros(h)},
+        "head": dense(next(keys), h, n_out),
+        "layers": [],
+    }
+    for _ in range(layers):
+        p["layers"].append({
+            "ln1": {"g": jnp.ones(h), "b": jnp.zeros(h)},
+            "q": dense(next(keys), h, h), "k": dense(next(keys), h, h),
+            "v": dense(next(keys), h, h), "o": dense(next(keys), h, h),
+            "ln2": {"g": jnp.ones(h), "b": jnp.zeros(h)},
+            "f1": dense(next(keys), h, 2 * h), "f2": dense(next(keys), 2 * h, h),
+        })
+    return p
+
+
+def layer_norm(x, p):
+    mean = jnp.mean(x, -1, keepdims=True)
+    var = jnp.mean((x - mean) ** 2, -1, keepdims=True)
+    return (x - mean) / jnp.sqrt(var + 1e-5) * p["g"] + p["b"]
+
+
+def logits_fn(p, latents, timesteps, heads):
+    """Per-field logits, concatenated [B, sum(n_f)]. Dense layers run on flattened [B·L, H] rows and
+    attention is a 4-D dot_general: the shapes ONNX Runtime runs fastest (FINDINGS)."""
+    b, l, d = latents.shape
+    h = p["inp"]["w"].shape[1]
+    x = latents.reshape(b * l, d) @ p["inp"]["w"] + p["inp"]["b"]
+    half = h // 2
+    freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half) / half)
+    args = timesteps.astype(jnp.float32)[:, None] * freqs[None, :]
+    temb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], -1)
+    temb = jax.nn.silu(temb @ p["t1"]["w"] + p["t1"]["b"]) @ p["t2"]["w"] + p["t2"]["b"]
+    x = (x.reshape(b, l, h) + p["pos"][None, :l] + temb[:, None, :]).reshape(b * l, h)
+    nh = heads
+    hd = h // nh
+    for lp in p["layers"]:
+        y = layer_norm(x, lp["ln1"])
+        q = (y @ lp["q"]["w"] + lp["q"]["b"]).reshape(b, l, nh, hd).transpose(0, 2, 1, 3)
+        k = (y @ lp["k"]["w"] + lp["k"]["b"]).reshape(b, l, nh, hd).transpose(0, 2, 1, 3)
+        v = (y @ lp["v"]["w"] + lp["v"]["b"]).reshape(b, l, nh, hd).transpose(0, 2, 1, 3)
+        s = jax.lax.dot_general(q, k, (((3,), (3,)), ((0, 1), (0, 1)))) / math.sqrt(hd)
+        a = jax.nn.softmax(s, axis=-1)
+        c = jax.lax.dot_general(a, v, (((3,), (2,)), ((0, 1), (0, 1))))
+        c = c.transpose(0, 2, 1, 3).reshape(b * l, h)
+        x = x + c @ lp["o"]["w"] + lp["o"]["b"]
+        y = layer_norm(x, lp["ln2"])
+        x = x + jax.nn.gelu(y @ lp["f1"]["w"] + lp["f1"]["b"], approximate=False) @ lp["f2"]["w"] + lp["f2"]["b"]
+    pooled = jnp.mean(layer_norm(x, p["ln_f"]).reshape(b, l, h), axis=1)
+    return pooled @ p["head"]["w"] + p["head"]["b"]
+
+
+def field_log_probs(logits, targets, sizes):
+    """log p(c_f = targets_f | x) per field [B, F], 0 where targets_f < 0 (unconstrained). The target
+    is picked with a one-hot mask (take_along_axis does not export: its backward is a scatter)."""
+    out, start = [], 0
+    for f, n in enumerate(sizes):
+        lsm = jax.nn.log_softmax(logits[:, start:start + n], axis=-1)
+        tf = targets[:, f]
+        onehot = (tf[:, None] == jnp.arange(n)[None, :]).astype(lsm.dtype)
+        out.append(jnp.sum(lsm * onehot, axis=-1) * (tf >= 0).astype(lsm.dtype))
+        start += n
+    return jnp.stack(out, axis=1)
+
+
+# ---------------------------------------------------------------- main
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    env = lambda name, default: __import__("os").environ.get(name, default)
+    ap.add_argument("--generator", default=env("DLM_GENERATOR", "models/e2e-small"), help="generator model directory [DLM_GENERATOR]")
+    ap.add_argument("--data-dir", default=env("DLM_DATA_DIR", "../shared/data/e2e"), help="E2E CSV directory [DLM_DATA_DIR]")
+    ap.add_argument("--out", default=env("DLM_OUT", "models/guides/e2e-semantic/1"), help="version directory to write [DLM_OUT]")
+    ap.add_argument("--steps", type=int, default=int(env("DLM_STEPS", "3000")), help="training steps [DLM_STEPS]")
+    ap.add_argument("--batch-size", type=int, default=int(env("DLM_BATCH_SIZE", "64")), help="[DLM_BATCH_SIZE]")
+    ap.add_argument("--lr", type=float, default=float(env("DLM_LR", "1e-3")), help="Adam learning rate [DLM_LR]")
+    ap.add_argument("--hidden", type=int, default=int(env("DLM_HIDDEN", "128")), help="[DLM_HIDDEN]")
+    ap.add_argument("--layers", type=int, default=int(env("DLM_LAYERS", "2")), help="[DLM_LAYERS]")
+    ap.add_argument("--heads", type=int, default=int(env("DLM_HEADS", "4")), help="[DLM_HEADS]")
+    ap.add_argument("--opset", type=int, default=int(env("DLM_OPSET", "21")), help="ONNX opset [DLM_OPSET]")
+    ap.add_argument("--seed", type=int, default=int(env("DLM_SEED", "0")), help="[DLM_SEED]")
+    args = ap.parse_args()
+
+    gen = pathlib.Path(args.generator)
+    data = pathlib.Path(args.data_dir)
+    for path in (gen / "config.json", gen / "model.safetensors", gen / "tokenizer.json", data / "trainset.csv"):
+        if not path.exists():
+            print(f"error: {path} not found", file=sys.stderr)
+            return 1
+    cfg = json.loads((gen / "config.json").read_text())
+    embedding = load_file(str(gen / "model.safetensors"))["embedding.weight"].astype(np.float32)
+    tok = Tokenizer.from_file(str(gen / "tokenizer.json"))
+    seq_len, d, steps_t = cfg["seq_len"], cfg["embed_dim"], cfg["diffusion_steps"]
+    abar = alphas_cumprod(cfg["schedule"], steps_t).astype(np.float32)
+
+    train = read_split(data / "trainset.csv")
+    dev = read_split(data / "devset.csv")
+    values = {f: sorted({mr[f] for mr, _ in train if f in mr}) + [ABSENT] for f in FIELDS}
+    sizes = [len(values[f]) for f in FIELDS]
+
+    def dataset(rows):
+        ids, labels = [], []
+        for mr, ref in rows:
+            e = encode(tok, ref, seq_len)
+            if e is None:
+                continue
+            ids.append(e)
+            labels.append([values[f].index(mr[f]) if mr.get(f) in values[f] else values[f].index(ABSENT) for f in FIELDS])
+        return np.array(ids, np.int32), np.array(labels, np.int32)
+
+    train_ids, train_y = dataset(train)
+    dev_ids, dev_y = dataset(dev)
+    print(f"train {len(train_ids)} / dev {len(dev_ids)} sequences, L={seq_len}, D={d}, T={steps_t}", file=sys.stderr)
+
+    rng = np.random.default_rng(args.seed)
+    std0 = math.sqrt(1.0 - abar[0])
+
+    def noisy(ids, t):
+        x0 = embedding[ids] + std0 * rng.standard_normal((*ids.shape, d), dtype=np.float32)
+        a = abar[t][:, None, None]
+        return np.sqrt(a) * x0 + np.sqrt(1 - a) * rng.standard_normal(x0.shape, dtype=np.float32)
+
+    params = init_params(jax.random.PRNGKey(args.seed), d, args.hidden, args.layers, seq_len, sum(sizes))
+    heads = args.heads
+
+    def loss_fn(p, x, t, y):
+        return -jnp.mean(jnp.sum(field_log_probs(logits_fn(p, x, t, heads), y, sizes), axis=1))
+
+    @jax.jit
+    def train_step(p, m, v, i, x, t, y):
+        loss, g = jax.value_and_grad(loss_fn)(p, x, t, y)
+        lr = args.lr * jnp.minimum(1.0, (i + 1) / 200.0)
+        m = jax.tree.map(lambda a, b: 0.9 * a + 0.1 * b, m, g)
+        v = jax.tree.map(lambda a, b: 0.999 * a + 0.001 * b * b, v, g)
+        bc1, bc2 = 1 - 0.9 ** (i + 1), 1 - 0.999 ** (i + 1)
+        p = jax.tree.map(lambda w, a, b: w - lr * (a / bc1) / (jnp.sqrt(b / bc2) + 1e-8), p, m, v)
+        return p, m, v, loss
+
+    m = jax.tree.map(jnp.zeros_like, params)
+    v = jax.tree.map(jnp.zeros_like, params)
+    started = time.time()
+    for i in range(args.steps):
+        idx = rng.integers(0, len(train_ids), args.batch_size)
+        t = rng.integers(0, steps_t, args.batch_size)
+        params, m, v, loss = train_step(params, m, v, i, noisy(train_ids[idx], t), t.astype(np.int32), train_y[idx])
+        if (i + 1) % 100 == 0 or i + 1 == args.steps:
+            rate = (i + 1) / (time.time() - started)
+            eta = (args.steps - i - 1) / rate
+            print(f"\rstep {i + 1}/{args.steps} loss {float(loss):.4f} {rate:.1f} steps/s eta {eta:.0f}s", end="", file=sys.stderr)
+    print(file=sys.stderr)
+
+    # Dev accuracy per field and per timestep range.
+    predict = jax.jit(lambda x, t: logits_fn(params, x, t, heads))
+    bins = [(0, steps_t // 4), (steps_t // 4, steps_t // 2), (steps_t // 2, 3 * steps_t // 4), (3 * steps_t // 4, steps_t)]
+    accuracy = {}
+    for lo, hi in bins:
+        correct = np.zeros(len(FIELDS))
+        n = 0
+        for s in range(0, len(dev_ids), 256):
+            ids = dev_ids[s:s + 256]
+            t = rng.integers(lo, hi, len(ids))
+            logits = np.asarray(predict(noisy(ids, t), t.astype(np.int32)))
+            start = 0
+            for f, size in enumerate(sizes):
+                correct[f] += np.sum(np.argmax(logits[:, start:start + size], -1) == dev_y[s:s + 256, f])
+                start += size
+            n += len(ids)
+        accuracy[f"{lo}-{hi - 1}"] = {f: float(c / n) for f, c in zip(FIELDS, correct)}
+
+    # Export (latents, timesteps, targets) -> (log_prob, grad).
+    def guide_fn(latents, timesteps, targets):
+        def total(x):
+            lp = jnp.sum(field_log_probs(logits_fn(params, x, timesteps, heads), targets, sizes), axis=1)
+            return jnp.sum(lp), lp
+        (_, lp), grad = jax.value_and_grad(total, has_aux=True)(latents)
+        return lp, grad
+
+    (b,) = jax.export.symbolic_shape("B")
+    specs = [
+        jax.ShapeDtypeStruct((b, seq_len, d), jnp.float32),
+        jax.ShapeDtypeStruct((b,), jnp.int32),
+        jax.ShapeDtypeStruct((b, len(FIELDS)), jnp.int32),
+    ]
+    model = jax2onnx.to_onnx(guide_fn, specs, model_name="dlm_guide", opset=args.opset,
+                             input_names=["latents", "timesteps_i32", "targets_i32"],
+                             output_names=["log_prob", "grad"])
+    model = int64_inputs(model, {"timesteps_i32": "timesteps", "targets_i32": "targets"})
+    card = {
+        "fields": [{"name": f, "values": values[f]} for f in FIELDS],
+        "embedding_sha256": embedding_fingerprint(embedding),
+        "diffusion_steps": steps_t,
+        "schedule": cfg["schedule"],
+        "seq_len": seq_len,
+        "embed_dim": d,
+    }
+    entry = model.metadata_props.add()
+    entry.key, entry.value = CARD_KEY, json.dumps(card)
+    onnx.checker.check_model(model)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(out / "model.onnx"))
+    (out / "card.json").write_text(json.dumps(card, indent=1) + "\n")
+
+    # ONNX Runtime against JAX, at several batch sizes.
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for bs in (1, 3, 16):
+        ids = dev_ids[:bs]
+        t = rng.integers(0, steps_t, bs)
+        x = noisy(ids, t).astype(np.float32)
+        tg = dev_y[:bs].astype(np.int64)
+        tg[:, ::2] = -1  # half the fields unconstrained
+        lp_ort, g_ort = sess.run(["log_prob", "grad"], {"latents": x, "timesteps": t.astype(np.int64), "targets": tg})
+        lp_jax, g_jax = guide_fn(x, t.astype(np.int32), tg.astype(np.int32))
+        rel = float(np.linalg.norm(g_ort - np.asarray(g_jax)) / max(np.linalg.norm(np.asarray(g_jax)), 1e-12))
+        worst = max(worst, rel, float(np.max(np.abs(lp_ort - np.asarray(lp_jax)))))
+    print(f"ONNX Runtime vs JAX: worst relative L2 / abs difference {worst:.2e}", file=sys.stderr)
+    if worst > 1e-3:
+        print("error: ONNX Runtime disagrees with JAX", file=sys.stderr)
+        return 1
+
+    report = {"accuracy_by_timestep": accuracy, "ort_vs_jax": worst, "steps": args.steps,
+              "generator": str(gen), "command": " ".join(sys.argv)}
+    (out / "metrics.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def int64_inputs(model: onnx.ModelProto, renames: dict[str, str]) -> onnx.ModelProto:
+    """JAX exports integer inputs as int32; the contract is INT64. Each renamed input becomes an
+    INT64 graph input followed by a Cast to the int32 the graph uses."""
+    graph = model.graph
+    casts = []
+    for inp in graph.input:
+        if inp.name in renames:
+            new = renames[inp.name]
+            casts.append(onnx.helper.make_node("Cast", [new], [inp.name], to=onnx.TensorProto.INT32, name=f"cast_{new}"))
+            inp.name = new
+            inp.type.tensor_type.elem_type = onnx.TensorProto.INT64
+    for node in reversed(casts):
+        graph.node.insert(0, node)
+    return model
+
+
+import jax2onnx  # noqa: E402  (imported late: it is slow to import and only needed for export)
+
+if __name__ == "__main__":
+    sys.exit(main())
