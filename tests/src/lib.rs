@@ -49,3 +49,107 @@ pub fn stdout(o: &Output) -> String {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// A port that was free a moment ago on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The Python of the project's virtual environment (`deploy/setup.sh`).
+pub fn venv_python() -> PathBuf {
+    let p = repo_root().join(".venv/bin/python");
+    assert!(p.exists(), "{} missing: run deploy/setup.sh", p.display());
+    p
+}
+
+/// A `dlm-guide serve` process on loopback, killed on drop.
+pub struct GuideServer {
+    pub port: u16,
+    pub metrics_port: u16,
+    child: std::process::Child,
+}
+
+impl GuideServer {
+    /// Starts the guide on `repository` and waits until it reports ready.
+    pub async fn start(repository: &Path, extra: &[&str]) -> Self {
+        let (port, metrics_port) = (free_port(), free_port());
+        let child = Command::new(binary("dlm-guide"))
+            .args(["serve", "--model-repository"])
+            .arg(repository)
+            .args([
+                "--port",
+                &port.to_string(),
+                "--metrics-port",
+                &metrics_port.to_string(),
+            ])
+            .args(extra)
+            .current_dir(repo_root())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("dlm-guide starts");
+        let server = Self {
+            port,
+            metrics_port,
+            child,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            if let Ok(mut c) = server.client().await {
+                if let Ok(r) = c
+                    .server_ready(dlm_proto::inference::ServerReadyRequest {})
+                    .await
+                {
+                    if r.into_inner().ready {
+                        return server;
+                    }
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "dlm-guide did not become ready"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn client(
+        &self,
+    ) -> Result<
+        dlm_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient<
+            tonic::transport::Channel,
+        >,
+        tonic::transport::Error,
+    > {
+        Ok(
+            dlm_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient::connect(self.url())
+                .await?
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
+        )
+    }
+
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).unwrap();
+        write!(s, "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
+    }
+}
+
+impl Drop for GuideServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -188,7 +188,12 @@ impl<'a> Sampler<'a> {
                 x0.broadcast_mul(&sap)?.add(&eps.broadcast_mul(&s1p)?)?
             }
         };
-        Ok(StepOutput { x_prev, x0: raw_x0 })
+        // Detach: the weights are variables, so without this every step's activations would stay
+        // reachable from the next latent (measured: 1.2 GB resident for 8 sequences × 50 steps).
+        Ok(StepOutput {
+            x_prev: x_prev.detach(),
+            x0: raw_x0.detach(),
+        })
     }
 
     /// Samples `n` sequences from pure noise, `batch_size` at a time.

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One-time set-up: a Python virtual environment in .venv with ONNX Runtime (dlm-guide loads its
+# shared library from there) and tritonclient. `--train` adds JAX and jax2onnx for guide training.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+req=deploy/requirements-serve.txt
+[ "${1:-}" = "--train" ] && req=guide/train/requirements.txt
+stamp=".venv/.installed-$(sha256sum "$req" | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  .venv/bin/pip install --quiet --disable-pip-version-check -r "$req"
+  touch "$stamp"
+fi
+ls .venv/lib/python3.*/site-packages/onnxruntime/capi/libonnxruntime.so* >/dev/null
