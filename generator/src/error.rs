@@ -20,6 +20,16 @@ pub enum Error {
     },
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
     #[error("checkpoint: {0}")]
     Checkpoint(String),
     #[error("tokenizer: {0}")]
@@ -49,6 +59,23 @@ impl Error {
         Error::Format {
             path: path.into(),
             message: message.into(),
+        }
+    }
+}
+
+/// Errors as gRPC statuses: the one place where that mapping lives.
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        use tonic::Status;
+        let m = e.to_string();
+        match e {
+            Error::InvalidArgument { .. } => Status::invalid_argument(m),
+            Error::Unavailable(_) => Status::unavailable(m),
+            Error::ResourceExhausted(_) => Status::resource_exhausted(m),
+            Error::DeadlineExceeded(_) => Status::deadline_exceeded(m),
+            Error::NotFound(_) => Status::not_found(m),
+            Error::FailedPrecondition(_) => Status::failed_precondition(m),
+            _ => Status::internal(m),
         }
     }
 }

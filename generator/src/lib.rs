@@ -8,11 +8,14 @@
 
 pub mod bench;
 pub mod diffusion;
+pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod guidance;
 pub mod model;
 pub mod parallel;
 pub mod runtime;
+pub mod server;
 pub mod text;
 pub mod train;
 

@@ -46,6 +46,70 @@ enum Command {
     EvalFluency(EvalArgs),
     /// Median train-step and sampling-step times (table on stdout).
     Bench(BenchArgs),
+    /// Serve the Generator gRPC API (guided sampling with continuous batching).
+    Serve(ServeArgs),
+    /// Call a running generator: one text per line on stdout.
+    Generate(GenerateArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Model directory.
+    #[arg(long, env = "DLM_MODEL", default_value = "models/e2e-small")]
+    model: PathBuf,
+    /// A guide as NAME=URL (http://host:port[/model]); repeat for more.
+    #[arg(long = "guide", env = "DLM_GUIDES", value_delimiter = ',')]
+    guides: Vec<String>,
+    #[arg(long, env = "DLM_HOST", default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
+    #[arg(long, env = "DLM_PORT", default_value_t = 8000)]
+    port: u16,
+    /// Prometheus metrics port (0 = off).
+    #[arg(long, env = "DLM_METRICS_PORT", default_value_t = 9090)]
+    metrics_port: u16,
+    /// Sequences in one denoiser batch.
+    #[arg(long, env = "DLM_MAX_BATCH", default_value_t = 64)]
+    max_batch: usize,
+    /// Requests that may wait; past that, RESOURCE_EXHAUSTED.
+    #[arg(long, env = "DLM_MAX_QUEUE", default_value_t = 256)]
+    max_queue: usize,
+    /// Largest `n` of one request.
+    #[arg(long, env = "DLM_MAX_N", default_value_t = 64)]
+    max_n: usize,
+    /// Sampling steps when a request does not say.
+    #[arg(long, env = "DLM_DEFAULT_STEPS", default_value_t = 200)]
+    default_steps: usize,
+    /// Deadline of one guide call, in ms.
+    #[arg(long, env = "DLM_GUIDE_TIMEOUT_MS", default_value_t = 5000)]
+    guide_timeout_ms: u64,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// The generator's gRPC endpoint.
+    #[arg(long, env = "DLM_ENDPOINT", default_value = "http://127.0.0.1:8000")]
+    endpoint: String,
+    /// Wanted attribute value, field=value (repeat for more).
+    #[arg(long = "control", env = "DLM_CONTROLS", value_delimiter = ',')]
+    controls: Vec<String>,
+    /// The guide that steers the controls.
+    #[arg(long, env = "DLM_GUIDE", default_value = "e2e-semantic")]
+    guide: String,
+    /// Weight of the guide's gradient.
+    #[arg(long, env = "DLM_WEIGHT")]
+    weight: Option<f32>,
+    #[arg(long, env = "DLM_N", default_value_t = 3)]
+    n: u32,
+    #[arg(long, env = "DLM_SEED")]
+    seed: Option<u64>,
+    /// Exact number of words.
+    #[arg(long, env = "DLM_LENGTH")]
+    length: Option<u32>,
+    #[arg(long, env = "DLM_SAMPLE_STEPS")]
+    steps: Option<u32>,
+    /// Print the whole response as JSON.
+    #[arg(long, env = "DLM_JSON")]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -229,6 +293,8 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Sample(args) => sample(args),
         Command::EvalFluency(args) => eval_fluency(args),
         Command::Bench(args) => bench(args),
+        Command::Serve(args) => serve(args),
+        Command::Generate(args) => generate(args),
     }
 }
 
@@ -411,4 +477,98 @@ fn eval_fluency(args: EvalArgs) -> anyhow::Result<()> {
         print!("{}", report.table());
     }
     Ok(())
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    use dlm_generator::guidance::{client::ModelSignature, GuideRegistry};
+    use std::sync::Arc;
+    let loaded = Arc::new(
+        LoadedModel::load(&args.model, &Device::Cpu)
+            .with_context(|| format!("loading model from {}", args.model.display()))?,
+    );
+    let cfg = loaded.model.config.clone();
+    let signature = ModelSignature {
+        embedding_sha256: loaded.model.embedding_sha256()?,
+        diffusion_steps: cfg.diffusion_steps,
+        schedule: format!("{:?}", cfg.schedule).to_lowercase(),
+        seq_len: cfg.seq_len,
+        embed_dim: cfg.embed_dim,
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let registry = Arc::new(GuideRegistry::new(signature, std::time::Duration::from_millis(args.guide_timeout_ms)));
+        for spec in &args.guides {
+            let (name, url) = spec
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("invalid argument `guide`: `{spec}` is not NAME=URL"))?;
+            registry.register(name, url).await?;
+        }
+        if args.metrics_port != 0 {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .with_http_listener(std::net::SocketAddr::new(args.host, args.metrics_port))
+                .install()?;
+        }
+        let engine = dlm_generator::engine::start(
+            Arc::clone(&loaded),
+            tokio::runtime::Handle::current(),
+            dlm_generator::engine::EngineOptions { max_batch: args.max_batch, max_queue: args.max_queue },
+        );
+        let service = dlm_generator::server::GeneratorService::new(
+            loaded,
+            engine,
+            registry,
+            dlm_generator::server::Limits { max_n: args.max_n, default_steps: args.default_steps },
+        );
+        dlm_generator::server::serve(service, std::net::SocketAddr::new(args.host, args.port), shutdown_signal()).await
+    })
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    use dlm_proto::dlm::v1 as pb;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let mut client = pb::generator_client::GeneratorClient::connect(args.endpoint.clone())
+            .await
+            .with_context(|| format!("connecting to {}", args.endpoint))?;
+        let controls = if args.controls.is_empty() {
+            vec![]
+        } else {
+            vec![pb::Control { guide: args.guide.clone(), targets: args.controls.clone(), weight: args.weight }]
+        };
+        let req = pb::GenerateRequest {
+            n: args.n,
+            steps: args.steps,
+            seed: args.seed,
+            controls,
+            length: args.length,
+            ..Default::default()
+        };
+        let resp = client.generate(req).await.map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?.into_inner();
+        if args.json {
+            let samples: Vec<serde_json::Value> = resp
+                .samples
+                .iter()
+                .map(|s| serde_json::json!({"text": s.text, "tokens": s.tokens,
+                    "scores": s.scores.iter().map(|g| serde_json::json!({"guide": g.guide, "log_prob": g.log_prob})).collect::<Vec<_>>()}))
+                .collect();
+            let t = resp.timings.unwrap_or_default();
+            println!("{}", serde_json::json!({"samples": samples, "seed": resp.seed,
+                "timings": {"queue_ms": t.queue_ms, "sampling_ms": t.sampling_ms, "guidance_ms": t.guidance_ms, "total_ms": t.total_ms}}));
+        } else {
+            for s in &resp.samples {
+                println!("{}", s.text);
+            }
+            tracing::info!(seed = resp.seed, "generated");
+        }
+        Ok(())
+    })
 }

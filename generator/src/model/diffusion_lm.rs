@@ -54,6 +54,18 @@ impl DiffusionLm {
         &self.embedding
     }
 
+    /// sha256 of the embedding table as little-endian f32, row-major: the fingerprint a guide
+    /// records of the generator it was trained for.
+    pub fn embedding_sha256(&self) -> candle_core::Result<String> {
+        use sha2::Digest;
+        let values = self.embedding.flatten_all()?.to_vec1::<f32>()?;
+        let mut hasher = sha2::Sha256::new();
+        for v in values {
+            hasher.update(v.to_le_bytes());
+        }
+        Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    }
+
     /// Word ids [B, L] (u32) → latents [B, L, D].
     pub fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let (b, l) = ids.dims2()?;

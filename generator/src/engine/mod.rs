@@ -1,0 +1,601 @@
+//! The engine: one batch loop owns the model. Requests join and leave between steps; every
+//! sequence carries its own schedule, step index and random stream, so one denoiser forward serves
+//! the whole mixed batch. At each guided step every guide is called once, for all the sequences it
+//! steers. Length and infilling rewrite fixed positions every step (no classifier needed).
+
+use std::collections::VecDeque;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use rand::rngs::StdRng;
+use tokio::sync::mpsc;
+
+use crate::diffusion::sampler::{add_noise, normal_noise, reverse_step, sequence_rng, SeqStep};
+use crate::diffusion::{NoiseSchedule, SamplerKind};
+use crate::guidance::{self, GuidanceConfig, RegisteredGuide};
+use crate::model::LoadedModel;
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, Copy)]
+pub struct EngineOptions {
+    /// Sequences in one denoiser batch.
+    pub max_batch: usize,
+    /// Requests waiting to start; past that, RESOURCE_EXHAUSTED.
+    pub max_queue: usize,
+}
+
+/// Steer towards `targets` (a value id per field of `guide`, −1 = free) with `weight`.
+#[derive(Clone)]
+pub struct Control {
+    pub guide: Arc<RegisteredGuide>,
+    pub targets: Vec<i64>,
+    pub weight: f32,
+}
+
+/// A validated generation request (the server builds it from the wire).
+pub struct Job {
+    pub n: usize,
+    pub steps: usize,
+    pub sampler: SamplerKind,
+    pub seed: u64,
+    pub clamp: bool,
+    pub controls: Vec<Control>,
+    /// Per canvas position: a word id that is fixed there (START/words/END/PAD), or None.
+    pub fixed: Vec<Option<u32>>,
+    pub guidance: GuidanceConfig,
+    pub progress_every: Option<usize>,
+    pub deadline: Option<Instant>,
+}
+
+pub struct GeneratedText {
+    pub ids: Vec<u32>,
+    pub text: String,
+    pub tokens: Vec<String>,
+    /// Final log p(c | x) per control, in control order.
+    pub scores: Vec<(String, f32)>,
+}
+
+pub struct Generated {
+    pub samples: Vec<GeneratedText>,
+    pub seed: u64,
+    pub queue_ms: f64,
+    pub sampling_ms: f64,
+    pub guidance_ms: f64,
+    pub total_ms: f64,
+}
+
+pub enum Event {
+    Progress { remaining: usize, total: usize, texts: Vec<String> },
+    Done(Result<Generated>),
+}
+
+struct Submitted {
+    job: Job,
+    events: mpsc::UnboundedSender<Event>,
+    submitted: Instant,
+}
+
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: SyncSender<Submitted>,
+}
+
+impl EngineHandle {
+    /// Queues a job; events arrive on the returned channel. Dropping the receiver cancels the job.
+    pub fn submit(&self, job: Job) -> Result<mpsc::UnboundedReceiver<Event>> {
+        let (events, rx) = mpsc::unbounded_channel();
+        self.tx
+            .try_send(Submitted {
+                job,
+                events,
+                submitted: Instant::now(),
+            })
+            .map_err(|e| match e {
+                TrySendError::Full(_) => Error::ResourceExhausted("the generator's queue is full; retry later".into()),
+                TrySendError::Disconnected(_) => Error::Unavailable("the generator is shutting down".into()),
+            })?;
+        metrics::gauge!("dlm_generator_queue_depth").increment(1.0);
+        Ok(rx)
+    }
+}
+
+/// A request in progress.
+struct Running {
+    job: Job,
+    schedule: NoiseSchedule,
+    events: mpsc::UnboundedSender<Event>,
+    submitted: Instant,
+    started: Instant,
+    next_slot: usize,
+    results: Vec<Option<GeneratedText>>,
+    guidance_ms: f64,
+    failed: bool,
+}
+
+impl Running {
+    fn done(&self) -> bool {
+        self.results.iter().all(Option::is_some)
+    }
+}
+
+struct Seq {
+    run: usize, // index into `running`
+    slot: usize,
+    x: Tensor,
+    prev: Tensor,
+    index: usize,
+    rng: StdRng,
+}
+
+/// Starts the batch loop on its own thread; guide calls run on `rt`.
+pub fn start(model: Arc<LoadedModel>, rt: tokio::runtime::Handle, options: EngineOptions) -> EngineHandle {
+    let (tx, rx) = sync_channel(options.max_queue.max(1));
+    std::thread::Builder::new()
+        .name("dlm-engine".into())
+        .spawn(move || {
+            let mut engine = Engine {
+                model,
+                rt,
+                options,
+                running: Vec::new(),
+                seqs: Vec::new(),
+                waiting: VecDeque::new(),
+            };
+            engine.run(rx)
+        })
+        .expect("spawn engine thread");
+    EngineHandle { tx }
+}
+
+struct Engine {
+    model: Arc<LoadedModel>,
+    rt: tokio::runtime::Handle,
+    options: EngineOptions,
+    running: Vec<Option<Running>>,
+    seqs: Vec<Seq>,
+    waiting: VecDeque<usize>,
+}
+
+impl Engine {
+    fn run(&mut self, rx: Receiver<Submitted>) {
+        loop {
+            if self.seqs.is_empty() && self.waiting.is_empty() {
+                match rx.recv() {
+                    Ok(s) => self.accept(s),
+                    Err(_) => break,
+                }
+            }
+            while let Ok(s) = rx.try_recv() {
+                self.accept(s);
+            }
+            self.reap();
+            self.admit();
+            if self.seqs.is_empty() {
+                continue;
+            }
+            let started = Instant::now();
+            if let Err(e) = self.step() {
+                tracing::error!(error = %e, "engine step failed");
+                let runs: Vec<usize> = self.seqs.iter().map(|s| s.run).collect();
+                for r in runs {
+                    self.fail(r, Error::Internal(e.to_string()));
+                }
+            }
+            metrics::histogram!("dlm_generator_step_seconds").record(started.elapsed().as_secs_f64());
+        }
+        tracing::info!("engine stopped");
+    }
+
+    fn accept(&mut self, s: Submitted) {
+        metrics::gauge!("dlm_generator_queue_depth").decrement(1.0);
+        let cfg = &self.model.model.config;
+        let schedule = match NoiseSchedule::new(cfg.schedule, cfg.diffusion_steps).and_then(|full| full.respace(s.job.steps)) {
+            Ok(sch) => sch,
+            Err(e) => {
+                let _ = s.events.send(Event::Done(Err(e)));
+                return;
+            }
+        };
+        let n = s.job.n;
+        self.running.push(Some(Running {
+            job: s.job,
+            schedule,
+            events: s.events,
+            submitted: s.submitted,
+            started: Instant::now(),
+            next_slot: 0,
+            results: (0..n).map(|_| None).collect(),
+            guidance_ms: 0.0,
+            failed: false,
+        }));
+        self.waiting.push_back(self.running.len() - 1);
+    }
+
+    /// Drops requests whose caller went away or whose deadline passed (their slots free up now).
+    fn reap(&mut self) {
+        let now = Instant::now();
+        for i in 0..self.running.len() {
+            let Some(r) = &self.running[i] else { continue };
+            if r.events.is_closed() {
+                tracing::debug!(run = i, "cancelled by the client");
+                metrics::counter!("dlm_generator_requests_total", "status" => "cancelled").increment(1);
+                self.drop_run(i);
+            } else if r.job.deadline.is_some_and(|d| now >= d) {
+                self.fail(i, Error::DeadlineExceeded("deadline exceeded before the texts were done".into()));
+            }
+        }
+        // Compact the request table when nothing refers to the tail.
+        while matches!(self.running.last(), Some(None)) {
+            self.running.pop();
+        }
+    }
+
+    fn drop_run(&mut self, i: usize) {
+        self.running[i] = None;
+        self.seqs.retain(|s| s.run != i);
+        self.waiting.retain(|&w| w != i);
+    }
+
+    fn fail(&mut self, i: usize, e: Error) {
+        if let Some(r) = &self.running[i] {
+            metrics::counter!("dlm_generator_requests_total", "status" => status_label(&e)).increment(1);
+            let _ = r.events.send(Event::Done(Err(e)));
+        }
+        self.drop_run(i);
+    }
+
+    fn admit(&mut self) {
+        let cfg = &self.model.model.config;
+        let (l, d) = (cfg.seq_len, cfg.embed_dim);
+        let device = self.model.model.device().clone();
+        while self.seqs.len() < self.options.max_batch {
+            let Some(&i) = self.waiting.front() else { break };
+            let Some(r) = self.running[i].as_mut() else {
+                self.waiting.pop_front();
+                continue;
+            };
+            let slot = r.next_slot;
+            r.next_slot += 1;
+            if r.next_slot >= r.job.n {
+                self.waiting.pop_front();
+            }
+            let mut rng = sequence_rng(r.job.seed, slot);
+            let x = match normal_noise(std::slice::from_mut(&mut rng), l, d, &device) {
+                Ok(x) => x,
+                Err(e) => {
+                    self.fail(i, e);
+                    continue;
+                }
+            };
+            let prev = x.zeros_like().expect("zeros");
+            let index = r.schedule.len() - 1;
+            self.seqs.push(Seq { run: i, slot, x, prev, index, rng });
+        }
+    }
+
+    fn step(&mut self) -> Result<()> {
+        let model = Arc::clone(&self.model);
+        let lm = &model.model;
+        let cfg = &lm.config;
+        let (l, d) = (cfg.seq_len, cfg.embed_dim);
+        let device = lm.device().clone();
+        metrics::histogram!("dlm_generator_batch_size").record(self.seqs.len() as f64);
+        let x = Tensor::cat(&self.seqs.iter().map(|s| &s.x).collect::<Vec<_>>(), 0)?;
+        let prev = Tensor::cat(&self.seqs.iter().map(|s| &s.prev).collect::<Vec<_>>(), 0)?;
+        let proposal = {
+            let steps: Vec<SeqStep> = self
+                .seqs
+                .iter()
+                .map(|s| {
+                    let r = self.running[s.run].as_ref().expect("live run");
+                    SeqStep {
+                        schedule: &r.schedule,
+                        index: s.index,
+                        kind: r.job.sampler,
+                        clamp: r.job.clamp,
+                    }
+                })
+                .collect();
+            reverse_step(lm, &x, &steps, Some(&prev))?
+        };
+        let mut mean = proposal.mean.flatten_all()?.to_vec1::<f32>()?;
+        let per = l * d;
+
+        // Guidance: for each guide, one batched call per gradient step for all sequences it steers.
+        self.guide(&mut mean, &proposal.sigma, per)?;
+
+        let mean = Tensor::from_vec(mean, (self.seqs.len(), l, d), &device)?;
+        let mut noise_rows = Vec::with_capacity(self.seqs.len());
+        for s in self.seqs.iter_mut() {
+            noise_rows.push(normal_noise(std::slice::from_mut(&mut s.rng), l, d, &device)?);
+        }
+        let noise = Tensor::cat(&noise_rows, 0)?;
+        let x_next = add_noise(&mean, &proposal.sigma, &noise)?;
+        let x_next = self.rewrite_fixed(&x_next, &noise)?;
+
+        // Advance every sequence; collect the finished ones.
+        let mut finished = Vec::new();
+        for (b, s) in self.seqs.iter_mut().enumerate() {
+            s.x = x_next.narrow(0, b, 1)?;
+            s.prev = proposal.x0.narrow(0, b, 1)?;
+            if s.index == 0 {
+                finished.push(b);
+            } else {
+                s.index -= 1;
+            }
+        }
+        self.progress(&proposal.x0)?;
+        if !finished.is_empty() {
+            self.finish(&finished, &x_next)?;
+        }
+        Ok(())
+    }
+
+    /// Runs the guidance loop on the flat proposal means of guided sequences; returns how many were guided.
+    fn guide(&mut self, mean: &mut [f32], sigma: &[f32], per: usize) -> Result<usize> {
+        let cfg = &self.model.model.config;
+        let (l, d) = (cfg.seq_len, cfg.embed_dim);
+        // (guide, [(batch row, targets, weight)])
+        let mut by_guide: Vec<(Arc<RegisteredGuide>, Vec<(usize, Vec<i64>, f32)>)> = Vec::new();
+        for (b, s) in self.seqs.iter().enumerate() {
+            let r = self.running[s.run].as_ref().expect("live run");
+            if !r.job.guidance.active(s.index) {
+                continue;
+            }
+            for c in &r.job.controls {
+                match by_guide.iter_mut().find(|(g, _)| Arc::ptr_eq(g, &c.guide)) {
+                    Some((_, rows)) => rows.push((b, c.targets.clone(), c.weight)),
+                    None => by_guide.push((Arc::clone(&c.guide), vec![(b, c.targets.clone(), c.weight)])),
+                }
+            }
+        }
+        if by_guide.is_empty() {
+            return Ok(0);
+        }
+        let started = Instant::now();
+        let original = mean.to_vec();
+        let mut adagrad = vec![0f32; mean.len()];
+        let rows_guided: std::collections::BTreeSet<usize> =
+            by_guide.iter().flat_map(|(_, rows)| rows.iter().map(|r| r.0)).collect();
+        // The guide sees the latents at the level they move to: step index − 1 in training units.
+        let t_of = |b: usize| -> i64 {
+            let s = &self.seqs[b];
+            let r = self.running[s.run].as_ref().expect("live run");
+            r.schedule.timesteps[s.index.saturating_sub(1)] as i64
+        };
+        let config_of = |b: usize| self.running[self.seqs[b].run].as_ref().expect("live run").job.guidance;
+        let k_max = rows_guided.iter().map(|&b| config_of(b).steps_per_diffusion_step).max().unwrap_or(0);
+        let mut failed_guides: Vec<(Arc<RegisteredGuide>, Error)> = Vec::new();
+        for k in 0..k_max {
+            let mut grad_sum = vec![0f32; mean.len()];
+            let calls: Vec<_> = by_guide
+                .iter()
+                .filter(|(g, _)| !failed_guides.iter().any(|(f, _)| Arc::ptr_eq(f, g)))
+                .map(|(g, rows)| {
+                    let mut lat = Vec::with_capacity(rows.len() * per);
+                    let mut ts = Vec::with_capacity(rows.len());
+                    let mut tg = Vec::new();
+                    for (b, targets, _) in rows {
+                        lat.extend_from_slice(&mean[b * per..(b + 1) * per]);
+                        ts.push(t_of(*b));
+                        tg.extend_from_slice(targets);
+                    }
+                    let client = g.client.clone();
+                    let fields = g.fields.len();
+                    let b = rows.len();
+                    let name = g.name.clone();
+                    let call_started = Instant::now();
+                    let handle = self.rt.spawn(async move {
+                        let out = client.gradient(&lat, (b, l, d), &ts, &tg, fields).await;
+                        metrics::histogram!("dlm_generator_guide_seconds", "guide" => name)
+                            .record(call_started.elapsed().as_secs_f64());
+                        out
+                    });
+                    (Arc::clone(g), rows.clone(), handle)
+                })
+                .collect();
+            for (g, rows, handle) in calls {
+                let result = self
+                    .rt
+                    .block_on(handle)
+                    .map_err(|e| Error::Internal(e.to_string()))
+                    .and_then(|r| r);
+                match result {
+                    Ok((_, grad)) => {
+                        for (j, (b, _, w)) in rows.iter().enumerate() {
+                            for i in 0..per {
+                                grad_sum[b * per + i] += w * grad[j * per + i];
+                            }
+                        }
+                    }
+                    Err(e) => failed_guides.push((g, e)),
+                }
+            }
+            for &b in &rows_guided {
+                let c = config_of(b);
+                if k >= c.steps_per_diffusion_step {
+                    continue;
+                }
+                let range = b * per..(b + 1) * per;
+                guidance::update(
+                    &c,
+                    &mut mean[range.clone()],
+                    &grad_sum[range.clone()],
+                    &original[range.clone()],
+                    sigma[b],
+                    &mut adagrad[range],
+                );
+            }
+        }
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        let runs: std::collections::BTreeSet<usize> = rows_guided.iter().map(|&b| self.seqs[b].run).collect();
+        for r in &runs {
+            if let Some(r) = self.running[*r].as_mut() {
+                r.guidance_ms += ms;
+            }
+        }
+        // Requests that depend on a guide that failed get UNAVAILABLE; the rest go on.
+        for (g, e) in failed_guides {
+            let victims: std::collections::BTreeSet<usize> = self
+                .seqs
+                .iter()
+                .filter(|s| {
+                    self.running[s.run]
+                        .as_ref()
+                        .is_some_and(|r| r.job.controls.iter().any(|c| Arc::ptr_eq(&c.guide, &g)))
+                })
+                .map(|s| s.run)
+                .collect();
+            tracing::warn!(guide = %g.name, error = %e, requests = victims.len(), "guide failed");
+            for v in victims {
+                self.fail(v, Error::Unavailable(e.to_string()));
+            }
+        }
+        Ok(rows_guided.len())
+    }
+
+    /// Rewrites the fixed positions (length, infilling) of the new latents: the known word's
+    /// embedding, noised to the level the latents are now at.
+    fn rewrite_fixed(&self, x_next: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        if self.seqs.iter().all(|s| self.running[s.run].as_ref().is_none_or(|r| r.job.fixed.iter().all(Option::is_none))) {
+            return Ok(x_next.clone());
+        }
+        let cfg = &self.model.model.config;
+        let (l, d) = (cfg.seq_len, cfg.embed_dim);
+        let emb = self.model.model.embedding().to_vec2::<f32>()?;
+        let mut data = x_next.flatten_all()?.to_vec1::<f32>()?;
+        let noise = noise.flatten_all()?.to_vec1::<f32>()?;
+        for (b, s) in self.seqs.iter().enumerate() {
+            let Some(r) = self.running[s.run].as_ref() else { continue };
+            let abar = r.schedule.alphas_cumprod_prev[s.index];
+            let (a, c) = (abar.sqrt() as f32, (1.0 - abar).sqrt() as f32);
+            for (pos, fixed) in r.job.fixed.iter().enumerate().take(l) {
+                if let Some(id) = fixed {
+                    let off = (b * l + pos) * d;
+                    for j in 0..d {
+                        data[off + j] = a * emb[*id as usize][j] + c * noise[off + j];
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(data, (self.seqs.len(), l, d), x_next.device())?)
+    }
+
+    fn progress(&self, x0: &Tensor) -> Result<()> {
+        for (i, r) in self.running.iter().enumerate() {
+            let Some(r) = r else { continue };
+            let Some(k) = r.job.progress_every.filter(|&k| k > 0) else { continue };
+            let rows: Vec<(usize, usize)> =
+                self.seqs.iter().enumerate().filter(|(_, s)| s.run == i).map(|(b, s)| (b, s.index)).collect();
+            let Some(&(_, index)) = rows.first() else { continue };
+            let done = r.schedule.len() - index;
+            if done % k != 0 || index == 0 {
+                continue;
+            }
+            let mut texts = Vec::new();
+            for (b, _) in &rows {
+                let ids = self.model.model.round(&x0.narrow(0, *b, 1)?)?;
+                texts.push(self.model.tokenizer.decode(&ids[0]));
+            }
+            let _ = r.events.send(Event::Progress {
+                remaining: index,
+                total: r.schedule.len(),
+                texts,
+            });
+        }
+        Ok(())
+    }
+
+    /// Rounds final latents [1, L, D] to words. Fixed positions keep their word; when the request
+    /// fixed the length (an END somewhere), the positions before it take the best real word, so that
+    /// an exact-length request always gets exactly that many words.
+    fn round(&self, row: &Tensor, fixed: &[Option<u32>]) -> Result<Vec<u32>> {
+        let tok = &self.model.tokenizer;
+        let logits = self.model.model.logits(row)?.squeeze(0)?.to_vec2::<f32>()?;
+        let end = fixed.iter().position(|f| *f == Some(tok.end_id()));
+        let special = [tok.pad_id(), tok.unk_id(), tok.start_id(), tok.end_id()];
+        Ok(logits
+            .iter()
+            .enumerate()
+            .map(|(pos, lg)| {
+                if let Some(Some(id)) = fixed.get(pos) {
+                    return *id;
+                }
+                let free_word = end.is_some_and(|e| pos > 0 && pos < e);
+                lg.iter()
+                    .enumerate()
+                    .filter(|(id, _)| !free_word || !special.contains(&(*id as u32)))
+                    .max_by(|a, b| a.1.total_cmp(b.1))
+                    .map(|(id, _)| id as u32)
+                    .unwrap_or(tok.unk_id())
+            })
+            .collect())
+    }
+
+    fn finish(&mut self, rows: &[usize], x_final: &Tensor) -> Result<()> {
+        let tok = &self.model.tokenizer;
+        let cfg = &self.model.model.config;
+        let (l, d) = (cfg.seq_len, cfg.embed_dim);
+        for &b in rows {
+            let s = &self.seqs[b];
+            let run = s.run;
+            let slot = s.slot;
+            let row = x_final.narrow(0, b, 1)?;
+            let Some(r) = self.running[run].as_ref() else { continue };
+            let ids = self.round(&row, &r.job.fixed)?;
+            // Final scores: each control's guide on the finished latents at t = 0.
+            let mut scores = Vec::new();
+            let latents = row.flatten_all()?.to_vec1::<f32>()?;
+            for c in &r.job.controls {
+                let client = c.guide.client.clone();
+                let (lat, tg, f) = (latents.clone(), c.targets.clone(), c.guide.fields.len());
+                let out = self.rt.block_on(async move { client.gradient(&lat, (1, l, d), &[0], &tg, f).await });
+                if let Ok((lp, _)) = out {
+                    scores.push((c.guide.name.clone(), lp[0]));
+                }
+            }
+            let tokens: Vec<String> = tok.visible(&ids).map(|id| tok.id_to_token(id).unwrap_or_default()).collect();
+            let text = tok.decode(&ids);
+            if let Some(r) = self.running[run].as_mut() {
+                r.results[slot] = Some(GeneratedText { ids, text, tokens, scores });
+            }
+        }
+        // Answer completed requests and drop their sequences.
+        let mut rows_sorted = rows.to_vec();
+        rows_sorted.sort_unstable_by(|a, b| b.cmp(a));
+        for b in rows_sorted {
+            self.seqs.remove(b);
+        }
+        for i in 0..self.running.len() {
+            let complete = self.running[i].as_ref().is_some_and(|r| r.done() && !r.failed);
+            if !complete {
+                continue;
+            }
+            let r = self.running[i].take().expect("complete run");
+            let now = Instant::now();
+            let generated = Generated {
+                samples: r.results.into_iter().map(|x| x.expect("done")).collect(),
+                seed: r.job.seed,
+                queue_ms: r.started.duration_since(r.submitted).as_secs_f64() * 1e3,
+                sampling_ms: now.duration_since(r.started).as_secs_f64() * 1e3 - r.guidance_ms,
+                guidance_ms: r.guidance_ms,
+                total_ms: now.duration_since(r.submitted).as_secs_f64() * 1e3,
+            };
+            metrics::counter!("dlm_generator_requests_total", "status" => "ok").increment(1);
+            let _ = r.events.send(Event::Done(Ok(generated)));
+        }
+        Ok(())
+    }
+}
+
+fn status_label(e: &Error) -> &'static str {
+    match e {
+        Error::InvalidArgument { .. } => "invalid_argument",
+        Error::Unavailable(_) => "unavailable",
+        Error::DeadlineExceeded(_) => "deadline_exceeded",
+        Error::ResourceExhausted(_) => "resource_exhausted",
+        _ => "error",
+    }
+}

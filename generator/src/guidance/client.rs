@@ -1,0 +1,258 @@
+//! Guide clients: one long-lived gRPC channel per guide (Open Inference Protocol), the guide's card
+//! checked against this generator's model at registration, per-call deadlines and retries.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use dlm_proto::dlm::v1::guide_cards_client::GuideCardsClient;
+use dlm_proto::dlm::v1::GetCardRequest;
+use dlm_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use dlm_proto::inference::{model_infer_request::InferInputTensor, ModelInferRequest};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::{Error, Result};
+
+/// What the generator's model requires of a guide.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSignature {
+    pub embedding_sha256: String,
+    pub diffusion_steps: usize,
+    pub schedule: String,
+    pub seq_len: usize,
+    pub embed_dim: usize,
+}
+
+#[derive(Clone)]
+pub struct GuideClient {
+    pub url: String,
+    /// The model name on the OIP server.
+    pub model: String,
+    channel: Channel,
+    timeout: Duration,
+    retries: usize,
+}
+
+const MAX_MESSAGE: usize = 64 << 20;
+
+impl GuideClient {
+    fn infer_client(&self) -> GrpcInferenceServiceClient<Channel> {
+        GrpcInferenceServiceClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
+    }
+
+    /// log p(c | x) [B] and ∂/∂x [B·L·D] for a batch (row-major), retrying UNAVAILABLE.
+    pub async fn gradient(
+        &self,
+        latents: &[f32],
+        dims: (usize, usize, usize),
+        timesteps: &[i64],
+        targets: &[i64],
+        fields: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (b, l, d) = dims;
+        let tensor = |name: &str, datatype: &str, shape: Vec<i64>| InferInputTensor {
+            name: name.into(),
+            datatype: datatype.into(),
+            shape,
+            ..Default::default()
+        };
+        let req = ModelInferRequest {
+            model_name: self.model.clone(),
+            inputs: vec![
+                tensor("latents", "FP32", vec![b as i64, l as i64, d as i64]),
+                tensor("timesteps", "INT64", vec![b as i64]),
+                tensor("targets", "INT64", vec![b as i64, fields as i64]),
+            ],
+            raw_input_contents: vec![
+                latents.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                timesteps.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                targets.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ],
+            ..Default::default()
+        };
+        let mut attempt = 0;
+        loop {
+            let mut request = tonic::Request::new(req.clone());
+            request.set_timeout(self.timeout);
+            match self.infer_client().model_infer(request).await {
+                Ok(resp) => {
+                    let resp = resp.into_inner();
+                    let find = |name: &str| -> Result<Vec<f32>> {
+                        let i = resp.outputs.iter().position(|o| o.name == name).ok_or_else(|| {
+                            Error::Unavailable(format!("guide at {} returned no `{name}`", self.url))
+                        })?;
+                        Ok(resp.raw_output_contents[i]
+                            .chunks_exact(4)
+                            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                            .collect())
+                    };
+                    let (lp, grad) = (find("log_prob")?, find("grad")?);
+                    if lp.len() != b || grad.len() != b * l * d {
+                        return Err(Error::Unavailable(format!("guide at {} returned wrong shapes", self.url)));
+                    }
+                    return Ok((lp, grad));
+                }
+                Err(s) if s.code() == tonic::Code::Unavailable && attempt < self.retries => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(50 * attempt as u64)).await;
+                }
+                Err(s) => {
+                    return Err(Error::Unavailable(format!(
+                        "guide `{}` at {}: {} ({:?})",
+                        self.model,
+                        self.url,
+                        s.message(),
+                        s.code()
+                    )))
+                }
+            }
+        }
+    }
+}
+
+/// A guide the generator may call, with its label space.
+pub struct RegisteredGuide {
+    pub name: String,
+    pub client: GuideClient,
+    pub fields: Vec<(String, Vec<String>)>,
+}
+
+impl RegisteredGuide {
+    /// "field=value" strings → a value id per field (−1 where unconstrained).
+    pub fn targets(&self, specs: &[String]) -> Result<Vec<i64>> {
+        let mut out = vec![-1i64; self.fields.len()];
+        for spec in specs {
+            let (field, value) = spec.split_once('=').ok_or_else(|| {
+                Error::invalid("controls.targets", format!("`{spec}` is not of the form field=value"))
+            })?;
+            let (fi, (_, values)) = self
+                .fields
+                .iter()
+                .enumerate()
+                .find(|(_, (n, _))| n.eq_ignore_ascii_case(field.trim()))
+                .ok_or_else(|| {
+                    Error::invalid(
+                        "controls.targets",
+                        format!(
+                            "guide `{}` has no field `{}` (fields: {})",
+                            self.name,
+                            field.trim(),
+                            self.fields.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+                        ),
+                    )
+                })?;
+            let vi = values.iter().position(|v| v.eq_ignore_ascii_case(value.trim())).ok_or_else(|| {
+                Error::invalid(
+                    "controls.targets",
+                    format!("field `{}` has no value `{}` (values: {})", field.trim(), value.trim(), values.join(", ")),
+                )
+            })?;
+            out[fi] = vi as i64;
+        }
+        Ok(out)
+    }
+}
+
+/// The guides this generator calls, by name; hot-swappable while serving.
+pub struct GuideRegistry {
+    signature: ModelSignature,
+    guides: RwLock<HashMap<String, Arc<RegisteredGuide>>>,
+    timeout: Duration,
+}
+
+impl GuideRegistry {
+    pub fn new(signature: ModelSignature, timeout: Duration) -> Self {
+        Self {
+            signature,
+            guides: RwLock::new(HashMap::new()),
+            timeout,
+        }
+    }
+
+    /// Connects to a guide (`url` = http://host:port[/model], model defaulting to `name`), reads its
+    /// card, and refuses it unless it was trained for this generator's model. Replaces a guide of
+    /// the same name.
+    pub async fn register(&self, name: &str, url: &str) -> Result<Arc<RegisteredGuide>> {
+        let (base, model) = match url.trim_end_matches('/').rsplit_once('/') {
+            Some((base, model)) if base.contains("://") && !model.contains(':') => (base.to_string(), model.to_string()),
+            _ => (url.to_string(), name.to_string()),
+        };
+        let endpoint = Endpoint::from_shared(base.clone())
+            .map_err(|e| Error::invalid("guide", format!("bad URL `{url}`: {e}")))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true);
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| Error::Unavailable(format!("guide `{name}` at {base}: cannot connect: {e}")))?;
+        let mut request = tonic::Request::new(GetCardRequest {
+            model_name: model.clone(),
+            model_version: String::new(),
+        });
+        request.set_timeout(self.timeout);
+        let card = GuideCardsClient::new(channel.clone())
+            .get_card(request)
+            .await
+            .map_err(|s| Error::Unavailable(format!("guide `{name}` at {base}: no card for model `{model}`: {}", s.message())))?
+            .into_inner();
+        let got = ModelSignature {
+            embedding_sha256: card.embedding_sha256.clone(),
+            diffusion_steps: card.diffusion_steps as usize,
+            schedule: card.schedule.clone(),
+            seq_len: card.seq_len as usize,
+            embed_dim: card.embed_dim as usize,
+        };
+        if got != self.signature {
+            let what = if got.embedding_sha256 != self.signature.embedding_sha256 {
+                format!(
+                    "it was trained on embedding {} but this model's is {}",
+                    &got.embedding_sha256[..got.embedding_sha256.len().min(12)],
+                    &self.signature.embedding_sha256[..12]
+                )
+            } else {
+                format!("its schedule/shape {got:?} differs from the model's {:?}", self.signature)
+            };
+            return Err(Error::FailedPrecondition(format!("guide `{name}` refused: {what}")));
+        }
+        let guide = Arc::new(RegisteredGuide {
+            name: name.to_string(),
+            client: GuideClient {
+                url: base,
+                model,
+                channel,
+                timeout: self.timeout,
+                retries: 2,
+            },
+            fields: card.fields.into_iter().map(|f| (f.name, f.values)).collect(),
+        });
+        self.guides.write().unwrap().insert(name.to_string(), Arc::clone(&guide));
+        tracing::info!(guide = name, url, "guide registered");
+        Ok(guide)
+    }
+
+    pub fn remove(&self, name: &str) -> Result<()> {
+        self.guides
+            .write()
+            .unwrap()
+            .remove(name)
+            .map(|_| ())
+            .ok_or_else(|| Error::NotFound(format!("no guide `{name}`")))
+    }
+
+    pub fn get(&self, name: &str) -> Result<Arc<RegisteredGuide>> {
+        let guides = self.guides.read().unwrap();
+        guides.get(name).cloned().ok_or_else(|| {
+            let mut names: Vec<&String> = guides.keys().collect();
+            names.sort();
+            Error::invalid("controls.guide", format!("unknown guide `{name}` (registered: {names:?})"))
+        })
+    }
+
+    pub fn list(&self) -> Vec<Arc<RegisteredGuide>> {
+        let mut v: Vec<_> = self.guides.read().unwrap().values().cloned().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+}

@@ -1,0 +1,298 @@
+//! The generator's gRPC surface (`dlm.v1.Generator`), health, reflection and metrics. Methods are
+//! thin: they validate and convert wire requests into engine jobs, and engine events into replies.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dlm_proto::dlm::v1 as pb;
+use pb::generator_server::{Generator, GeneratorServer};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::diffusion::SamplerKind;
+use crate::engine::{Control, EngineHandle, Event, Generated, Job};
+use crate::guidance::{GuidanceConfig, GuidanceUpdate, GuideRegistry};
+use crate::model::LoadedModel;
+use crate::{Error, Result};
+
+/// Request limits and defaults.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_n: usize,
+    pub default_steps: usize,
+}
+
+pub struct GeneratorService {
+    model: Arc<LoadedModel>,
+    engine: EngineHandle,
+    guides: Arc<GuideRegistry>,
+    limits: Limits,
+}
+
+impl GeneratorService {
+    pub fn new(model: Arc<LoadedModel>, engine: EngineHandle, guides: Arc<GuideRegistry>, limits: Limits) -> Self {
+        Self { model, engine, guides, limits }
+    }
+
+    /// Wire → engine job, every field checked.
+    pub fn job(&self, r: &pb::GenerateRequest, deadline: Option<Instant>) -> Result<Job> {
+        let cfg = &self.model.model.config;
+        let tok = &self.model.tokenizer;
+        let n = r.n as usize;
+        if n == 0 || n > self.limits.max_n {
+            return Err(Error::invalid("n", format!("must be between 1 and {}, got {n}", self.limits.max_n)));
+        }
+        let steps = r.steps.map(|s| s as usize).unwrap_or(self.limits.default_steps);
+        if steps == 0 || steps > cfg.diffusion_steps {
+            return Err(Error::invalid("steps", format!("must be between 1 and T = {}, got {steps}", cfg.diffusion_steps)));
+        }
+        let sampler = match pb::Sampler::try_from(r.sampler).unwrap_or(pb::Sampler::Unspecified) {
+            pb::Sampler::Ddim => SamplerKind::Ddim,
+            _ => SamplerKind::Ddpm,
+        };
+        let mut controls = Vec::new();
+        for c in &r.controls {
+            let guide = self.guides.get(&c.guide)?;
+            if c.targets.is_empty() {
+                return Err(Error::invalid("controls.targets", format!("control for guide `{}` has no targets", c.guide)));
+            }
+            let weight = c.weight.unwrap_or(1.0);
+            if !weight.is_finite() || weight < 0.0 {
+                return Err(Error::invalid("controls.weight", format!("must be a non-negative number, got {weight}")));
+            }
+            controls.push(Control { targets: guide.targets(&c.targets)?, guide, weight });
+        }
+        // Canvas: START w1..wK END PAD…; length and infilling fix positions.
+        let l = cfg.seq_len;
+        let mut fixed: Vec<Option<u32>> = vec![None; l];
+        let template = r.infill.as_ref().map(|i| i.template.as_slice()).unwrap_or(&[]);
+        if let Some(k) = r.length {
+            let k = k as usize;
+            if k == 0 || k + 2 > l {
+                return Err(Error::invalid("length", format!("must be between 1 and {} words, got {k}", l - 2)));
+            }
+            if !template.is_empty() && template.len() != k {
+                return Err(Error::invalid("infill.template", format!("has {} positions but length is {k}", template.len())));
+            }
+            fixed[0] = Some(tok.start_id());
+            fixed[k + 1] = Some(tok.end_id());
+            for slot in fixed.iter_mut().skip(k + 2) {
+                *slot = Some(tok.pad_id());
+            }
+        }
+        if !template.is_empty() {
+            if template.len() + 2 > l {
+                return Err(Error::invalid("infill.template", format!("has {} positions; at most {} fit", template.len(), l - 2)));
+            }
+            fixed[0] = Some(tok.start_id());
+            for (i, word) in template.iter().enumerate() {
+                let w = word.trim();
+                if w.is_empty() || w == "_" {
+                    continue;
+                }
+                let ids = tok.encode(w)?;
+                if ids.len() != 1 || ids[0] == tok.unk_id() {
+                    return Err(Error::invalid("infill.template", format!("`{w}` (position {i}) is not one word of the vocabulary")));
+                }
+                fixed[i + 1] = Some(ids[0]);
+            }
+        }
+        let g = r.guidance.clone().unwrap_or_default();
+        let d = GuidanceConfig::default();
+        let guidance = GuidanceConfig {
+            steps_per_diffusion_step: g.steps_per_diffusion_step.map(|v| v as usize).unwrap_or(d.steps_per_diffusion_step),
+            step_size: g.step_size.unwrap_or(d.step_size),
+            update: match pb::GuidanceUpdate::try_from(g.update).unwrap_or(pb::GuidanceUpdate::Unspecified) {
+                pb::GuidanceUpdate::Sign => GuidanceUpdate::Sign,
+                _ => GuidanceUpdate::Adagrad,
+            },
+            fluency_weight: g.fluency_weight.unwrap_or(d.fluency_weight),
+            start_step: g.start_step.map(|v| v as usize),
+            stop_step: g.stop_step.map(|v| v as usize).unwrap_or(d.stop_step),
+        };
+        if guidance.steps_per_diffusion_step > 50 {
+            return Err(Error::invalid("guidance.steps_per_diffusion_step", "at most 50"));
+        }
+        if !(guidance.step_size.is_finite() && guidance.step_size >= 0.0) {
+            return Err(Error::invalid("guidance.step_size", "must be a non-negative number"));
+        }
+        Ok(Job {
+            n,
+            steps,
+            sampler,
+            seed: r.seed.unwrap_or_else(rand::random),
+            clamp: r.clamp.unwrap_or(true),
+            controls,
+            fixed,
+            guidance,
+            progress_every: r.progress_every.map(|v| v as usize),
+            deadline,
+        })
+    }
+}
+
+fn deadline_of<T>(req: &Request<T>) -> Option<Instant> {
+    let header = req.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (value, unit) = header.split_at(header.len().checked_sub(1)?);
+    let v: u64 = value.parse().ok()?;
+    let d = match unit {
+        "H" => Duration::from_secs(v * 3600),
+        "M" => Duration::from_secs(v * 60),
+        "S" => Duration::from_secs(v),
+        "m" => Duration::from_millis(v),
+        "u" => Duration::from_micros(v),
+        "n" => Duration::from_nanos(v),
+        _ => return None,
+    };
+    Some(Instant::now() + d)
+}
+
+fn to_wire(g: Generated) -> pb::GenerateResponse {
+    pb::GenerateResponse {
+        samples: g
+            .samples
+            .into_iter()
+            .map(|s| pb::Sample {
+                text: s.text,
+                tokens: s.tokens,
+                scores: s.scores.into_iter().map(|(guide, log_prob)| pb::GuideScore { guide, log_prob }).collect(),
+            })
+            .collect(),
+        seed: g.seed,
+        timings: Some(pb::Timings {
+            queue_ms: g.queue_ms,
+            sampling_ms: g.sampling_ms,
+            guidance_ms: g.guidance_ms,
+            total_ms: g.total_ms,
+        }),
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = std::result::Result<pb::GenerateEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Generator for GeneratorService {
+    async fn generate(&self, req: Request<pb::GenerateRequest>) -> std::result::Result<Response<pb::GenerateResponse>, Status> {
+        let deadline = deadline_of(&req);
+        let job = self.job(req.get_ref(), deadline)?;
+        let mut events = self.engine.submit(job)?;
+        while let Some(event) = events.recv().await {
+            if let Event::Done(result) = event {
+                return Ok(Response::new(to_wire(result?)));
+            }
+        }
+        Err(Status::internal("the engine stopped before answering"))
+    }
+
+    type GenerateStreamStream = EventStream;
+
+    async fn generate_stream(&self, req: Request<pb::GenerateRequest>) -> std::result::Result<Response<EventStream>, Status> {
+        let deadline = deadline_of(&req);
+        let mut r = req.into_inner();
+        r.progress_every.get_or_insert(10);
+        let job = self.job(&r, deadline)?;
+        let mut events = self.engine.submit(job)?;
+        let stream = async_stream(move |tx| async move {
+            while let Some(event) = events.recv().await {
+                let msg = match event {
+                    Event::Progress { remaining, total, texts } => Ok(pb::GenerateEvent {
+                        event: Some(pb::generate_event::Event::Progress(pb::Progress {
+                            step: remaining as u32,
+                            total_steps: total as u32,
+                            texts,
+                        })),
+                    }),
+                    Event::Done(Ok(g)) => Ok(pb::GenerateEvent {
+                        event: Some(pb::generate_event::Event::Result(to_wire(g))),
+                    }),
+                    Event::Done(Err(e)) => Err(Status::from(e)),
+                };
+                let last = !matches!(msg, Ok(pb::GenerateEvent { event: Some(pb::generate_event::Event::Progress(_)) }));
+                if tx.send(msg).await.is_err() || last {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn describe(&self, _: Request<pb::DescribeRequest>) -> std::result::Result<Response<pb::DescribeResponse>, Status> {
+        let cfg = &self.model.model.config;
+        let model = pb::ModelInfo {
+            name: self.model.dir.display().to_string(),
+            vocab_size: cfg.vocab_size as u32,
+            embed_dim: cfg.embed_dim as u32,
+            seq_len: cfg.seq_len as u32,
+            diffusion_steps: cfg.diffusion_steps as u32,
+            schedule: format!("{:?}", cfg.schedule).to_lowercase(),
+            embedding_sha256: self.model.model.embedding_sha256().map_err(|e| Status::internal(e.to_string()))?,
+        };
+        let guides = self
+            .guides
+            .list()
+            .into_iter()
+            .map(|g| pb::GuideInfo {
+                name: g.name.clone(),
+                endpoints: vec![g.client.url.clone()],
+                fields: g.fields.iter().map(|(n, v)| pb::GuideField { name: n.clone(), values: v.clone() }).collect(),
+                ready: true,
+            })
+            .collect();
+        Ok(Response::new(pb::DescribeResponse { model: Some(model), guides, ready: true }))
+    }
+
+    async fn set_guide(&self, req: Request<pb::SetGuideRequest>) -> std::result::Result<Response<pb::GuideInfo>, Status> {
+        let r = req.into_inner();
+        if r.name.is_empty() {
+            return Err(Error::invalid("name", "is empty").into());
+        }
+        let g = self.guides.register(&r.name, &r.url).await?;
+        Ok(Response::new(pb::GuideInfo {
+            name: g.name.clone(),
+            endpoints: vec![g.client.url.clone()],
+            fields: g.fields.iter().map(|(n, v)| pb::GuideField { name: n.clone(), values: v.clone() }).collect(),
+            ready: true,
+        }))
+    }
+
+    async fn remove_guide(&self, req: Request<pb::RemoveGuideRequest>) -> std::result::Result<Response<pb::RemoveGuideResponse>, Status> {
+        self.guides.remove(&req.into_inner().name)?;
+        Ok(Response::new(pb::RemoveGuideResponse {}))
+    }
+}
+
+/// A stream fed by a task (keeps the event loop out of the service method).
+fn async_stream<F, Fut>(f: F) -> EventStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<std::result::Result<pb::GenerateEvent, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(f(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+/// Serves until `shutdown` resolves, then finishes in-flight requests.
+pub async fn serve(
+    service: GeneratorService,
+    addr: SocketAddr,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<GeneratorServer<GeneratorService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(dlm_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    tracing::info!(%addr, "dlm-generator serving");
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(GeneratorServer::new(service))
+        .serve_with_shutdown(addr, shutdown)
+        .await?;
+    tracing::info!("dlm-generator stopped");
+    Ok(())
+}
