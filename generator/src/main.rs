@@ -496,11 +496,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        let registry = Arc::new(GuideRegistry::new(signature, std::time::Duration::from_millis(args.guide_timeout_ms)));
+        let registry = Arc::new(GuideRegistry::new(
+            signature,
+            std::time::Duration::from_millis(args.guide_timeout_ms),
+        ));
         for spec in &args.guides {
-            let (name, url) = spec
-                .split_once('=')
-                .ok_or_else(|| anyhow::anyhow!("invalid argument `guide`: `{spec}` is not NAME=URL"))?;
+            let (name, url) = spec.split_once('=').ok_or_else(|| {
+                anyhow::anyhow!("invalid argument `guide`: `{spec}` is not NAME=URL")
+            })?;
             registry.register(name, url).await?;
         }
         if args.metrics_port != 0 {
@@ -511,20 +514,32 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let engine = dlm_generator::engine::start(
             Arc::clone(&loaded),
             tokio::runtime::Handle::current(),
-            dlm_generator::engine::EngineOptions { max_batch: args.max_batch, max_queue: args.max_queue },
+            dlm_generator::engine::EngineOptions {
+                max_batch: args.max_batch,
+                max_queue: args.max_queue,
+            },
         );
         let service = dlm_generator::server::GeneratorService::new(
             loaded,
             engine,
             registry,
-            dlm_generator::server::Limits { max_n: args.max_n, default_steps: args.default_steps },
+            dlm_generator::server::Limits {
+                max_n: args.max_n,
+                default_steps: args.default_steps,
+            },
         );
-        dlm_generator::server::serve(service, std::net::SocketAddr::new(args.host, args.port), shutdown_signal()).await
+        dlm_generator::server::serve(
+            service,
+            std::net::SocketAddr::new(args.host, args.port),
+            shutdown_signal(),
+        )
+        .await
     })
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {},
         _ = term.recv() => {},

@@ -153,3 +153,93 @@ impl Drop for GuideServer {
         let _ = self.child.wait();
     }
 }
+
+/// A `dlm-generator serve` process on loopback, killed on drop.
+pub struct GeneratorServer {
+    pub port: u16,
+    pub metrics_port: u16,
+    child: std::process::Child,
+}
+
+impl GeneratorServer {
+    /// Starts the generator with `args` (model, guides, limits) and waits until it is SERVING.
+    pub async fn start(args: &[String]) -> Self {
+        let (port, metrics_port) = (free_port(), free_port());
+        let child = Command::new(binary("dlm-generator"))
+            .arg("serve")
+            .args(args)
+            .args([
+                "--port",
+                &port.to_string(),
+                "--metrics-port",
+                &metrics_port.to_string(),
+            ])
+            .current_dir(repo_root())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("dlm-generator starts");
+        let mut server = Self {
+            port,
+            metrics_port,
+            child,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            if let Ok(ch) = tonic::transport::Channel::from_shared(server.url())
+                .unwrap()
+                .connect()
+                .await
+            {
+                let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
+                if let Ok(r) = health
+                    .check(tonic_health::pb::HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                {
+                    if r.into_inner().status
+                        == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+                    {
+                        return server;
+                    }
+                }
+            }
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("dlm-generator exited at start-up: {status}");
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "dlm-generator did not become healthy"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn client(
+        &self,
+    ) -> dlm_proto::dlm::v1::generator_client::GeneratorClient<tonic::transport::Channel> {
+        dlm_proto::dlm::v1::generator_client::GeneratorClient::connect(self.url())
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for GeneratorServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl GuideServer {
+    /// Stops the guide now (as a crash would).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -79,7 +79,6 @@ fn per_sequence(values: impl Iterator<Item = f64>, device: &Device) -> Result<Te
     Ok(Tensor::from_vec(v, (b, 1, 1), device)?)
 }
 
-
 /// What one sequence does this step: its schedule, its step index in it, sampler and clamping.
 #[derive(Clone, Copy)]
 pub struct SeqStep<'a> {
@@ -106,11 +105,23 @@ fn predict_x0(
     previous: Option<&Tensor>,
     any_clamp: bool,
 ) -> Result<(Tensor, Tensor)> {
-    let shards = if x_t.device().is_cpu() { crate::runtime::threads() } else { 1 };
+    let shards = if x_t.device().is_cpu() {
+        crate::runtime::threads()
+    } else {
+        1
+    };
     let parts = run_sharded(split(t.dim(0)?, shards), |(start, len)| {
         let previous = previous.map(|p| p.narrow(0, start, len)).transpose()?;
-        let raw = model.predict_x0(&x_t.narrow(0, start, len)?, &t.narrow(0, start, len)?, previous.as_ref())?;
-        let clamped = if any_clamp { model.clamp_to_embeddings(&raw)? } else { raw.clone() };
+        let raw = model.predict_x0(
+            &x_t.narrow(0, start, len)?,
+            &t.narrow(0, start, len)?,
+            previous.as_ref(),
+        )?;
+        let clamped = if any_clamp {
+            model.clamp_to_embeddings(&raw)?
+        } else {
+            raw.clone()
+        };
         Ok((raw, clamped))
     })?;
     let (raw, clamped): (Vec<Tensor>, Vec<Tensor>) = parts.into_iter().unzip();
@@ -119,10 +130,17 @@ fn predict_x0(
 
 /// One reverse step for a batch whose sequences may each be at a different step of a different
 /// schedule, with different samplers: one denoiser forward serves them all.
-pub fn reverse_step(model: &DiffusionLm, x_t: &Tensor, seqs: &[SeqStep], previous: Option<&Tensor>) -> Result<Proposal> {
+pub fn reverse_step(
+    model: &DiffusionLm,
+    x_t: &Tensor,
+    seqs: &[SeqStep],
+    previous: Option<&Tensor>,
+) -> Result<Proposal> {
     let device = x_t.device();
     let t = Tensor::from_vec(
-        seqs.iter().map(|q| q.schedule.timesteps[q.index] as f32).collect::<Vec<_>>(),
+        seqs.iter()
+            .map(|q| q.schedule.timesteps[q.index] as f32)
+            .collect::<Vec<_>>(),
         seqs.len(),
         device,
     )?;
@@ -214,7 +232,13 @@ impl<'a> Sampler<'a> {
     /// One reverse step. `x_t` [B, L, D]; `index[b]` is sequence b's step in the respaced schedule;
     /// `noise` [B, L, D] is used by DDPM only; `previous` is the last step's raw x0 estimate
     /// (self-conditioning models only).
-    pub fn step(&self, x_t: &Tensor, index: &[usize], noise: &Tensor, previous: Option<&Tensor>) -> Result<StepOutput> {
+    pub fn step(
+        &self,
+        x_t: &Tensor,
+        index: &[usize],
+        noise: &Tensor,
+        previous: Option<&Tensor>,
+    ) -> Result<StepOutput> {
         let seqs: Vec<SeqStep> = index
             .iter()
             .map(|&i| SeqStep {

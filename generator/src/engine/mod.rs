@@ -67,7 +67,11 @@ pub struct Generated {
 }
 
 pub enum Event {
-    Progress { remaining: usize, total: usize, texts: Vec<String> },
+    Progress {
+        remaining: usize,
+        total: usize,
+        texts: Vec<String>,
+    },
     Done(Result<Generated>),
 }
 
@@ -93,8 +97,12 @@ impl EngineHandle {
                 submitted: Instant::now(),
             })
             .map_err(|e| match e {
-                TrySendError::Full(_) => Error::ResourceExhausted("the generator's queue is full; retry later".into()),
-                TrySendError::Disconnected(_) => Error::Unavailable("the generator is shutting down".into()),
+                TrySendError::Full(_) => {
+                    Error::ResourceExhausted("the generator's queue is full; retry later".into())
+                }
+                TrySendError::Disconnected(_) => {
+                    Error::Unavailable("the generator is shutting down".into())
+                }
             })?;
         metrics::gauge!("dlm_generator_queue_depth").increment(1.0);
         Ok(rx)
@@ -130,7 +138,11 @@ struct Seq {
 }
 
 /// Starts the batch loop on its own thread; guide calls run on `rt`.
-pub fn start(model: Arc<LoadedModel>, rt: tokio::runtime::Handle, options: EngineOptions) -> EngineHandle {
+pub fn start(
+    model: Arc<LoadedModel>,
+    rt: tokio::runtime::Handle,
+    options: EngineOptions,
+) -> EngineHandle {
     let (tx, rx) = sync_channel(options.max_queue.max(1));
     std::thread::Builder::new()
         .name("dlm-engine".into())
@@ -183,7 +195,8 @@ impl Engine {
                     self.fail(r, Error::Internal(e.to_string()));
                 }
             }
-            metrics::histogram!("dlm_generator_step_seconds").record(started.elapsed().as_secs_f64());
+            metrics::histogram!("dlm_generator_step_seconds")
+                .record(started.elapsed().as_secs_f64());
         }
         tracing::info!("engine stopped");
     }
@@ -191,7 +204,9 @@ impl Engine {
     fn accept(&mut self, s: Submitted) {
         metrics::gauge!("dlm_generator_queue_depth").decrement(1.0);
         let cfg = &self.model.model.config;
-        let schedule = match NoiseSchedule::new(cfg.schedule, cfg.diffusion_steps).and_then(|full| full.respace(s.job.steps)) {
+        let schedule = match NoiseSchedule::new(cfg.schedule, cfg.diffusion_steps)
+            .and_then(|full| full.respace(s.job.steps))
+        {
             Ok(sch) => sch,
             Err(e) => {
                 let _ = s.events.send(Event::Done(Err(e)));
@@ -220,10 +235,14 @@ impl Engine {
             let Some(r) = &self.running[i] else { continue };
             if r.events.is_closed() {
                 tracing::debug!(run = i, "cancelled by the client");
-                metrics::counter!("dlm_generator_requests_total", "status" => "cancelled").increment(1);
+                metrics::counter!("dlm_generator_requests_total", "status" => "cancelled")
+                    .increment(1);
                 self.drop_run(i);
             } else if r.job.deadline.is_some_and(|d| now >= d) {
-                self.fail(i, Error::DeadlineExceeded("deadline exceeded before the texts were done".into()));
+                self.fail(
+                    i,
+                    Error::DeadlineExceeded("deadline exceeded before the texts were done".into()),
+                );
             }
         }
         // Compact the request table when nothing refers to the tail.
@@ -240,7 +259,8 @@ impl Engine {
 
     fn fail(&mut self, i: usize, e: Error) {
         if let Some(r) = &self.running[i] {
-            metrics::counter!("dlm_generator_requests_total", "status" => status_label(&e)).increment(1);
+            metrics::counter!("dlm_generator_requests_total", "status" => status_label(&e))
+                .increment(1);
             let _ = r.events.send(Event::Done(Err(e)));
         }
         self.drop_run(i);
@@ -251,7 +271,9 @@ impl Engine {
         let (l, d) = (cfg.seq_len, cfg.embed_dim);
         let device = self.model.model.device().clone();
         while self.seqs.len() < self.options.max_batch {
-            let Some(&i) = self.waiting.front() else { break };
+            let Some(&i) = self.waiting.front() else {
+                break;
+            };
             let Some(r) = self.running[i].as_mut() else {
                 self.waiting.pop_front();
                 continue;
@@ -271,7 +293,14 @@ impl Engine {
             };
             let prev = x.zeros_like().expect("zeros");
             let index = r.schedule.len() - 1;
-            self.seqs.push(Seq { run: i, slot, x, prev, index, rng });
+            self.seqs.push(Seq {
+                run: i,
+                slot,
+                x,
+                prev,
+                index,
+                rng,
+            });
         }
     }
 
@@ -304,12 +333,17 @@ impl Engine {
         let per = l * d;
 
         // Guidance: for each guide, one batched call per gradient step for all sequences it steers.
-        self.guide(&mut mean, &proposal.sigma, per)?;
+        let failed = self.guide(&mut mean, &proposal.sigma, per)?;
 
         let mean = Tensor::from_vec(mean, (self.seqs.len(), l, d), &device)?;
         let mut noise_rows = Vec::with_capacity(self.seqs.len());
         for s in self.seqs.iter_mut() {
-            noise_rows.push(normal_noise(std::slice::from_mut(&mut s.rng), l, d, &device)?);
+            noise_rows.push(normal_noise(
+                std::slice::from_mut(&mut s.rng),
+                l,
+                d,
+                &device,
+            )?);
         }
         let noise = Tensor::cat(&noise_rows, 0)?;
         let x_next = add_noise(&mean, &proposal.sigma, &noise)?;
@@ -330,11 +364,21 @@ impl Engine {
         if !finished.is_empty() {
             self.finish(&finished, &x_next)?;
         }
+        // Requests whose guide failed end now, after the batch has moved as one.
+        for (run, e) in failed {
+            self.fail(run, e);
+        }
         Ok(())
     }
 
-    /// Runs the guidance loop on the flat proposal means of guided sequences; returns how many were guided.
-    fn guide(&mut self, mean: &mut [f32], sigma: &[f32], per: usize) -> Result<usize> {
+    /// Runs the guidance loop on the flat proposal means of guided sequences. Returns the requests
+    /// to fail because a guide they need failed (the others go on).
+    fn guide(
+        &mut self,
+        mean: &mut [f32],
+        sigma: &[f32],
+        per: usize,
+    ) -> Result<Vec<(usize, Error)>> {
         let cfg = &self.model.model.config;
         let (l, d) = (cfg.seq_len, cfg.embed_dim);
         // (guide, [(batch row, targets, weight)])
@@ -347,26 +391,39 @@ impl Engine {
             for c in &r.job.controls {
                 match by_guide.iter_mut().find(|(g, _)| Arc::ptr_eq(g, &c.guide)) {
                     Some((_, rows)) => rows.push((b, c.targets.clone(), c.weight)),
-                    None => by_guide.push((Arc::clone(&c.guide), vec![(b, c.targets.clone(), c.weight)])),
+                    None => by_guide
+                        .push((Arc::clone(&c.guide), vec![(b, c.targets.clone(), c.weight)])),
                 }
             }
         }
         if by_guide.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         let started = Instant::now();
         let original = mean.to_vec();
         let mut adagrad = vec![0f32; mean.len()];
-        let rows_guided: std::collections::BTreeSet<usize> =
-            by_guide.iter().flat_map(|(_, rows)| rows.iter().map(|r| r.0)).collect();
+        let rows_guided: std::collections::BTreeSet<usize> = by_guide
+            .iter()
+            .flat_map(|(_, rows)| rows.iter().map(|r| r.0))
+            .collect();
         // The guide sees the latents at the level they move to: step index − 1 in training units.
         let t_of = |b: usize| -> i64 {
             let s = &self.seqs[b];
             let r = self.running[s.run].as_ref().expect("live run");
             r.schedule.timesteps[s.index.saturating_sub(1)] as i64
         };
-        let config_of = |b: usize| self.running[self.seqs[b].run].as_ref().expect("live run").job.guidance;
-        let k_max = rows_guided.iter().map(|&b| config_of(b).steps_per_diffusion_step).max().unwrap_or(0);
+        let config_of = |b: usize| {
+            self.running[self.seqs[b].run]
+                .as_ref()
+                .expect("live run")
+                .job
+                .guidance
+        };
+        let k_max = rows_guided
+            .iter()
+            .map(|&b| config_of(b).steps_per_diffusion_step)
+            .max()
+            .unwrap_or(0);
         let mut failed_guides: Vec<(Arc<RegisteredGuide>, Error)> = Vec::new();
         for k in 0..k_max {
             let mut grad_sum = vec![0f32; mean.len()];
@@ -430,15 +487,17 @@ impl Engine {
             }
         }
         let ms = started.elapsed().as_secs_f64() * 1e3;
-        let runs: std::collections::BTreeSet<usize> = rows_guided.iter().map(|&b| self.seqs[b].run).collect();
+        let runs: std::collections::BTreeSet<usize> =
+            rows_guided.iter().map(|&b| self.seqs[b].run).collect();
         for r in &runs {
             if let Some(r) = self.running[*r].as_mut() {
                 r.guidance_ms += ms;
             }
         }
         // Requests that depend on a guide that failed get UNAVAILABLE; the rest go on.
+        let mut victims: Vec<(usize, Error)> = Vec::new();
         for (g, e) in failed_guides {
-            let victims: std::collections::BTreeSet<usize> = self
+            let runs: std::collections::BTreeSet<usize> = self
                 .seqs
                 .iter()
                 .filter(|s| {
@@ -448,18 +507,23 @@ impl Engine {
                 })
                 .map(|s| s.run)
                 .collect();
-            tracing::warn!(guide = %g.name, error = %e, requests = victims.len(), "guide failed");
-            for v in victims {
-                self.fail(v, Error::Unavailable(e.to_string()));
-            }
+            tracing::warn!(guide = %g.name, error = %e, requests = runs.len(), "guide failed");
+            victims.extend(
+                runs.into_iter()
+                    .map(|r| (r, Error::Unavailable(e.to_string()))),
+            );
         }
-        Ok(rows_guided.len())
+        Ok(victims)
     }
 
     /// Rewrites the fixed positions (length, infilling) of the new latents: the known word's
     /// embedding, noised to the level the latents are now at.
     fn rewrite_fixed(&self, x_next: &Tensor, noise: &Tensor) -> Result<Tensor> {
-        if self.seqs.iter().all(|s| self.running[s.run].as_ref().is_none_or(|r| r.job.fixed.iter().all(Option::is_none))) {
+        if self.seqs.iter().all(|s| {
+            self.running[s.run]
+                .as_ref()
+                .is_none_or(|r| r.job.fixed.iter().all(Option::is_none))
+        }) {
             return Ok(x_next.clone());
         }
         let cfg = &self.model.model.config;
@@ -468,7 +532,9 @@ impl Engine {
         let mut data = x_next.flatten_all()?.to_vec1::<f32>()?;
         let noise = noise.flatten_all()?.to_vec1::<f32>()?;
         for (b, s) in self.seqs.iter().enumerate() {
-            let Some(r) = self.running[s.run].as_ref() else { continue };
+            let Some(r) = self.running[s.run].as_ref() else {
+                continue;
+            };
             let abar = r.schedule.alphas_cumprod_prev[s.index];
             let (a, c) = (abar.sqrt() as f32, (1.0 - abar).sqrt() as f32);
             for (pos, fixed) in r.job.fixed.iter().enumerate().take(l) {
@@ -480,16 +546,29 @@ impl Engine {
                 }
             }
         }
-        Ok(Tensor::from_vec(data, (self.seqs.len(), l, d), x_next.device())?)
+        Ok(Tensor::from_vec(
+            data,
+            (self.seqs.len(), l, d),
+            x_next.device(),
+        )?)
     }
 
     fn progress(&self, x0: &Tensor) -> Result<()> {
         for (i, r) in self.running.iter().enumerate() {
             let Some(r) = r else { continue };
-            let Some(k) = r.job.progress_every.filter(|&k| k > 0) else { continue };
-            let rows: Vec<(usize, usize)> =
-                self.seqs.iter().enumerate().filter(|(_, s)| s.run == i).map(|(b, s)| (b, s.index)).collect();
-            let Some(&(_, index)) = rows.first() else { continue };
+            let Some(k) = r.job.progress_every.filter(|&k| k > 0) else {
+                continue;
+            };
+            let rows: Vec<(usize, usize)> = self
+                .seqs
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.run == i)
+                .map(|(b, s)| (b, s.index))
+                .collect();
+            let Some(&(_, index)) = rows.first() else {
+                continue;
+            };
             let done = r.schedule.len() - index;
             if done % k != 0 || index == 0 {
                 continue;
@@ -543,7 +622,9 @@ impl Engine {
             let run = s.run;
             let slot = s.slot;
             let row = x_final.narrow(0, b, 1)?;
-            let Some(r) = self.running[run].as_ref() else { continue };
+            let Some(r) = self.running[run].as_ref() else {
+                continue;
+            };
             let ids = self.round(&row, &r.job.fixed)?;
             // Final scores: each control's guide on the finished latents at t = 0.
             let mut scores = Vec::new();
@@ -551,15 +632,25 @@ impl Engine {
             for c in &r.job.controls {
                 let client = c.guide.client.clone();
                 let (lat, tg, f) = (latents.clone(), c.targets.clone(), c.guide.fields.len());
-                let out = self.rt.block_on(async move { client.gradient(&lat, (1, l, d), &[0], &tg, f).await });
+                let out = self
+                    .rt
+                    .block_on(async move { client.gradient(&lat, (1, l, d), &[0], &tg, f).await });
                 if let Ok((lp, _)) = out {
                     scores.push((c.guide.name.clone(), lp[0]));
                 }
             }
-            let tokens: Vec<String> = tok.visible(&ids).map(|id| tok.id_to_token(id).unwrap_or_default()).collect();
+            let tokens: Vec<String> = tok
+                .visible(&ids)
+                .map(|id| tok.id_to_token(id).unwrap_or_default())
+                .collect();
             let text = tok.decode(&ids);
             if let Some(r) = self.running[run].as_mut() {
-                r.results[slot] = Some(GeneratedText { ids, text, tokens, scores });
+                r.results[slot] = Some(GeneratedText {
+                    ids,
+                    text,
+                    tokens,
+                    scores,
+                });
             }
         }
         // Answer completed requests and drop their sequences.
@@ -569,7 +660,9 @@ impl Engine {
             self.seqs.remove(b);
         }
         for i in 0..self.running.len() {
-            let complete = self.running[i].as_ref().is_some_and(|r| r.done() && !r.failed);
+            let complete = self.running[i]
+                .as_ref()
+                .is_some_and(|r| r.done() && !r.failed);
             if !complete {
                 continue;
             }

@@ -80,9 +80,16 @@ impl GuideClient {
                 Ok(resp) => {
                     let resp = resp.into_inner();
                     let find = |name: &str| -> Result<Vec<f32>> {
-                        let i = resp.outputs.iter().position(|o| o.name == name).ok_or_else(|| {
-                            Error::Unavailable(format!("guide at {} returned no `{name}`", self.url))
-                        })?;
+                        let i = resp
+                            .outputs
+                            .iter()
+                            .position(|o| o.name == name)
+                            .ok_or_else(|| {
+                                Error::Unavailable(format!(
+                                    "guide at {} returned no `{name}`",
+                                    self.url
+                                ))
+                            })?;
                         Ok(resp.raw_output_contents[i]
                             .chunks_exact(4)
                             .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
@@ -90,7 +97,10 @@ impl GuideClient {
                     };
                     let (lp, grad) = (find("log_prob")?, find("grad")?);
                     if lp.len() != b || grad.len() != b * l * d {
-                        return Err(Error::Unavailable(format!("guide at {} returned wrong shapes", self.url)));
+                        return Err(Error::Unavailable(format!(
+                            "guide at {} returned wrong shapes",
+                            self.url
+                        )));
                     }
                     return Ok((lp, grad));
                 }
@@ -125,7 +135,10 @@ impl RegisteredGuide {
         let mut out = vec![-1i64; self.fields.len()];
         for spec in specs {
             let (field, value) = spec.split_once('=').ok_or_else(|| {
-                Error::invalid("controls.targets", format!("`{spec}` is not of the form field=value"))
+                Error::invalid(
+                    "controls.targets",
+                    format!("`{spec}` is not of the form field=value"),
+                )
             })?;
             let (fi, (_, values)) = self
                 .fields
@@ -139,16 +152,28 @@ impl RegisteredGuide {
                             "guide `{}` has no field `{}` (fields: {})",
                             self.name,
                             field.trim(),
-                            self.fields.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+                            self.fields
+                                .iter()
+                                .map(|(n, _)| n.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
                         ),
                     )
                 })?;
-            let vi = values.iter().position(|v| v.eq_ignore_ascii_case(value.trim())).ok_or_else(|| {
-                Error::invalid(
-                    "controls.targets",
-                    format!("field `{}` has no value `{}` (values: {})", field.trim(), value.trim(), values.join(", ")),
-                )
-            })?;
+            let vi = values
+                .iter()
+                .position(|v| v.eq_ignore_ascii_case(value.trim()))
+                .ok_or_else(|| {
+                    Error::invalid(
+                        "controls.targets",
+                        format!(
+                            "field `{}` has no value `{}` (values: {})",
+                            field.trim(),
+                            value.trim(),
+                            values.join(", ")
+                        ),
+                    )
+                })?;
             out[fi] = vi as i64;
         }
         Ok(out)
@@ -176,17 +201,18 @@ impl GuideRegistry {
     /// the same name.
     pub async fn register(&self, name: &str, url: &str) -> Result<Arc<RegisteredGuide>> {
         let (base, model) = match url.trim_end_matches('/').rsplit_once('/') {
-            Some((base, model)) if base.contains("://") && !model.contains(':') => (base.to_string(), model.to_string()),
+            Some((base, model)) if base.contains("://") && !model.contains(':') => {
+                (base.to_string(), model.to_string())
+            }
             _ => (url.to_string(), name.to_string()),
         };
         let endpoint = Endpoint::from_shared(base.clone())
             .map_err(|e| Error::invalid("guide", format!("bad URL `{url}`: {e}")))?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true);
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| Error::Unavailable(format!("guide `{name}` at {base}: cannot connect: {e}")))?;
+        let channel = endpoint.connect().await.map_err(|e| {
+            Error::Unavailable(format!("guide `{name}` at {base}: cannot connect: {e}"))
+        })?;
         let mut request = tonic::Request::new(GetCardRequest {
             model_name: model.clone(),
             model_version: String::new(),
@@ -195,7 +221,12 @@ impl GuideRegistry {
         let card = GuideCardsClient::new(channel.clone())
             .get_card(request)
             .await
-            .map_err(|s| Error::Unavailable(format!("guide `{name}` at {base}: no card for model `{model}`: {}", s.message())))?
+            .map_err(|s| {
+                Error::Unavailable(format!(
+                    "guide `{name}` at {base}: no card for model `{model}`: {}",
+                    s.message()
+                ))
+            })?
             .into_inner();
         let got = ModelSignature {
             embedding_sha256: card.embedding_sha256.clone(),
@@ -212,9 +243,14 @@ impl GuideRegistry {
                     &self.signature.embedding_sha256[..12]
                 )
             } else {
-                format!("its schedule/shape {got:?} differs from the model's {:?}", self.signature)
+                format!(
+                    "its schedule/shape {got:?} differs from the model's {:?}",
+                    self.signature
+                )
             };
-            return Err(Error::FailedPrecondition(format!("guide `{name}` refused: {what}")));
+            return Err(Error::FailedPrecondition(format!(
+                "guide `{name}` refused: {what}"
+            )));
         }
         let guide = Arc::new(RegisteredGuide {
             name: name.to_string(),
@@ -225,9 +261,16 @@ impl GuideRegistry {
                 timeout: self.timeout,
                 retries: 2,
             },
-            fields: card.fields.into_iter().map(|f| (f.name, f.values)).collect(),
+            fields: card
+                .fields
+                .into_iter()
+                .map(|f| (f.name, f.values))
+                .collect(),
         });
-        self.guides.write().unwrap().insert(name.to_string(), Arc::clone(&guide));
+        self.guides
+            .write()
+            .unwrap()
+            .insert(name.to_string(), Arc::clone(&guide));
         tracing::info!(guide = name, url, "guide registered");
         Ok(guide)
     }
@@ -246,7 +289,10 @@ impl GuideRegistry {
         guides.get(name).cloned().ok_or_else(|| {
             let mut names: Vec<&String> = guides.keys().collect();
             names.sort();
-            Error::invalid("controls.guide", format!("unknown guide `{name}` (registered: {names:?})"))
+            Error::invalid(
+                "controls.guide",
+                format!("unknown guide `{name}` (registered: {names:?})"),
+            )
         })
     }
 

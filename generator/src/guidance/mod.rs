@@ -50,7 +50,14 @@ impl GuidanceConfig {
 
 /// One gradient-ascent update of `y` (a sequence's latents, flat) given the summed guide gradient
 /// `g`, the proposal `mean` and σ. `state` is the Adagrad accumulator.
-pub fn update(config: &GuidanceConfig, y: &mut [f32], g: &[f32], mean: &[f32], sigma: f32, state: &mut [f32]) {
+pub fn update(
+    config: &GuidanceConfig,
+    y: &mut [f32],
+    g: &[f32],
+    mean: &[f32],
+    sigma: f32,
+    state: &mut [f32],
+) {
     let sigma = sigma.max(1e-4);
     for i in 0..y.len() {
         // ∂/∂y [ −λ ‖y − μ‖² / σ ] = −2λ (y − μ) / σ
@@ -73,17 +80,40 @@ mod tests {
     fn window_and_update_direction() {
         let c = GuidanceConfig::default();
         assert!(c.active(100) && c.active(11) && !c.active(10) && !c.active(0));
-        let c2 = GuidanceConfig { start_step: Some(50), ..c };
+        let c2 = GuidanceConfig {
+            start_step: Some(50),
+            ..c
+        };
         assert!(!c2.active(51) && c2.active(50));
         // With no fluency pull, y moves along the gradient.
         let mut y = vec![0.0, 0.0];
         let mut state = vec![0.0, 0.0];
-        update(&GuidanceConfig { fluency_weight: 0.0, ..c }, &mut y, &[1.0, -2.0], &[0.0, 0.0], 1.0, &mut state);
+        update(
+            &GuidanceConfig {
+                fluency_weight: 0.0,
+                ..c
+            },
+            &mut y,
+            &[1.0, -2.0],
+            &[0.0, 0.0],
+            1.0,
+            &mut state,
+        );
         assert!(y[0] > 0.0 && y[1] < 0.0);
         // The fluency term pulls back towards the proposal.
         let mut y = vec![1.0];
         let mut state = vec![0.0];
-        update(&GuidanceConfig { fluency_weight: 1.0, ..c }, &mut y, &[0.0], &[0.0], 1.0, &mut state);
+        update(
+            &GuidanceConfig {
+                fluency_weight: 1.0,
+                ..c
+            },
+            &mut y,
+            &[0.0],
+            &[0.0],
+            1.0,
+            &mut state,
+        );
         assert!(y[0] < 1.0);
     }
 }

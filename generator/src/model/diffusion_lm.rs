@@ -63,7 +63,11 @@ impl DiffusionLm {
         for v in values {
             hasher.update(v.to_le_bytes());
         }
-        Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+        Ok(hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect())
     }
 
     /// Word ids [B, L] (u32) → latents [B, L, D].

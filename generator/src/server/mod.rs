@@ -32,8 +32,18 @@ pub struct GeneratorService {
 }
 
 impl GeneratorService {
-    pub fn new(model: Arc<LoadedModel>, engine: EngineHandle, guides: Arc<GuideRegistry>, limits: Limits) -> Self {
-        Self { model, engine, guides, limits }
+    pub fn new(
+        model: Arc<LoadedModel>,
+        engine: EngineHandle,
+        guides: Arc<GuideRegistry>,
+        limits: Limits,
+    ) -> Self {
+        Self {
+            model,
+            engine,
+            guides,
+            limits,
+        }
     }
 
     /// Wire → engine job, every field checked.
@@ -42,11 +52,23 @@ impl GeneratorService {
         let tok = &self.model.tokenizer;
         let n = r.n as usize;
         if n == 0 || n > self.limits.max_n {
-            return Err(Error::invalid("n", format!("must be between 1 and {}, got {n}", self.limits.max_n)));
+            return Err(Error::invalid(
+                "n",
+                format!("must be between 1 and {}, got {n}", self.limits.max_n),
+            ));
         }
-        let steps = r.steps.map(|s| s as usize).unwrap_or(self.limits.default_steps);
+        let steps = r
+            .steps
+            .map(|s| s as usize)
+            .unwrap_or(self.limits.default_steps);
         if steps == 0 || steps > cfg.diffusion_steps {
-            return Err(Error::invalid("steps", format!("must be between 1 and T = {}, got {steps}", cfg.diffusion_steps)));
+            return Err(Error::invalid(
+                "steps",
+                format!(
+                    "must be between 1 and T = {}, got {steps}",
+                    cfg.diffusion_steps
+                ),
+            ));
         }
         let sampler = match pb::Sampler::try_from(r.sampler).unwrap_or(pb::Sampler::Unspecified) {
             pb::Sampler::Ddim => SamplerKind::Ddim,
@@ -56,25 +78,45 @@ impl GeneratorService {
         for c in &r.controls {
             let guide = self.guides.get(&c.guide)?;
             if c.targets.is_empty() {
-                return Err(Error::invalid("controls.targets", format!("control for guide `{}` has no targets", c.guide)));
+                return Err(Error::invalid(
+                    "controls.targets",
+                    format!("control for guide `{}` has no targets", c.guide),
+                ));
             }
             let weight = c.weight.unwrap_or(1.0);
             if !weight.is_finite() || weight < 0.0 {
-                return Err(Error::invalid("controls.weight", format!("must be a non-negative number, got {weight}")));
+                return Err(Error::invalid(
+                    "controls.weight",
+                    format!("must be a non-negative number, got {weight}"),
+                ));
             }
-            controls.push(Control { targets: guide.targets(&c.targets)?, guide, weight });
+            controls.push(Control {
+                targets: guide.targets(&c.targets)?,
+                guide,
+                weight,
+            });
         }
         // Canvas: START w1..wK END PAD…; length and infilling fix positions.
         let l = cfg.seq_len;
         let mut fixed: Vec<Option<u32>> = vec![None; l];
-        let template = r.infill.as_ref().map(|i| i.template.as_slice()).unwrap_or(&[]);
+        let template = r
+            .infill
+            .as_ref()
+            .map(|i| i.template.as_slice())
+            .unwrap_or(&[]);
         if let Some(k) = r.length {
             let k = k as usize;
             if k == 0 || k + 2 > l {
-                return Err(Error::invalid("length", format!("must be between 1 and {} words, got {k}", l - 2)));
+                return Err(Error::invalid(
+                    "length",
+                    format!("must be between 1 and {} words, got {k}", l - 2),
+                ));
             }
             if !template.is_empty() && template.len() != k {
-                return Err(Error::invalid("infill.template", format!("has {} positions but length is {k}", template.len())));
+                return Err(Error::invalid(
+                    "infill.template",
+                    format!("has {} positions but length is {k}", template.len()),
+                ));
             }
             fixed[0] = Some(tok.start_id());
             fixed[k + 1] = Some(tok.end_id());
@@ -84,7 +126,10 @@ impl GeneratorService {
         }
         if !template.is_empty() {
             if template.len() + 2 > l {
-                return Err(Error::invalid("infill.template", format!("has {} positions; at most {} fit", template.len(), l - 2)));
+                return Err(Error::invalid(
+                    "infill.template",
+                    format!("has {} positions; at most {} fit", template.len(), l - 2),
+                ));
             }
             fixed[0] = Some(tok.start_id());
             for (i, word) in template.iter().enumerate() {
@@ -94,7 +139,10 @@ impl GeneratorService {
                 }
                 let ids = tok.encode(w)?;
                 if ids.len() != 1 || ids[0] == tok.unk_id() {
-                    return Err(Error::invalid("infill.template", format!("`{w}` (position {i}) is not one word of the vocabulary")));
+                    return Err(Error::invalid(
+                        "infill.template",
+                        format!("`{w}` (position {i}) is not one word of the vocabulary"),
+                    ));
                 }
                 fixed[i + 1] = Some(ids[0]);
             }
@@ -102,9 +150,14 @@ impl GeneratorService {
         let g = r.guidance.clone().unwrap_or_default();
         let d = GuidanceConfig::default();
         let guidance = GuidanceConfig {
-            steps_per_diffusion_step: g.steps_per_diffusion_step.map(|v| v as usize).unwrap_or(d.steps_per_diffusion_step),
+            steps_per_diffusion_step: g
+                .steps_per_diffusion_step
+                .map(|v| v as usize)
+                .unwrap_or(d.steps_per_diffusion_step),
             step_size: g.step_size.unwrap_or(d.step_size),
-            update: match pb::GuidanceUpdate::try_from(g.update).unwrap_or(pb::GuidanceUpdate::Unspecified) {
+            update: match pb::GuidanceUpdate::try_from(g.update)
+                .unwrap_or(pb::GuidanceUpdate::Unspecified)
+            {
                 pb::GuidanceUpdate::Sign => GuidanceUpdate::Sign,
                 _ => GuidanceUpdate::Adagrad,
             },
@@ -113,10 +166,16 @@ impl GeneratorService {
             stop_step: g.stop_step.map(|v| v as usize).unwrap_or(d.stop_step),
         };
         if guidance.steps_per_diffusion_step > 50 {
-            return Err(Error::invalid("guidance.steps_per_diffusion_step", "at most 50"));
+            return Err(Error::invalid(
+                "guidance.steps_per_diffusion_step",
+                "at most 50",
+            ));
         }
         if !(guidance.step_size.is_finite() && guidance.step_size >= 0.0) {
-            return Err(Error::invalid("guidance.step_size", "must be a non-negative number"));
+            return Err(Error::invalid(
+                "guidance.step_size",
+                "must be a non-negative number",
+            ));
         }
         Ok(Job {
             n,
@@ -157,7 +216,11 @@ fn to_wire(g: Generated) -> pb::GenerateResponse {
             .map(|s| pb::Sample {
                 text: s.text,
                 tokens: s.tokens,
-                scores: s.scores.into_iter().map(|(guide, log_prob)| pb::GuideScore { guide, log_prob }).collect(),
+                scores: s
+                    .scores
+                    .into_iter()
+                    .map(|(guide, log_prob)| pb::GuideScore { guide, log_prob })
+                    .collect(),
             })
             .collect(),
         seed: g.seed,
@@ -170,11 +233,15 @@ fn to_wire(g: Generated) -> pb::GenerateResponse {
     }
 }
 
-type EventStream = Pin<Box<dyn Stream<Item = std::result::Result<pb::GenerateEvent, Status>> + Send>>;
+type EventStream =
+    Pin<Box<dyn Stream<Item = std::result::Result<pb::GenerateEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Generator for GeneratorService {
-    async fn generate(&self, req: Request<pb::GenerateRequest>) -> std::result::Result<Response<pb::GenerateResponse>, Status> {
+    async fn generate(
+        &self,
+        req: Request<pb::GenerateRequest>,
+    ) -> std::result::Result<Response<pb::GenerateResponse>, Status> {
         let deadline = deadline_of(&req);
         let job = self.job(req.get_ref(), deadline)?;
         let mut events = self.engine.submit(job)?;
@@ -188,7 +255,10 @@ impl Generator for GeneratorService {
 
     type GenerateStreamStream = EventStream;
 
-    async fn generate_stream(&self, req: Request<pb::GenerateRequest>) -> std::result::Result<Response<EventStream>, Status> {
+    async fn generate_stream(
+        &self,
+        req: Request<pb::GenerateRequest>,
+    ) -> std::result::Result<Response<EventStream>, Status> {
         let deadline = deadline_of(&req);
         let mut r = req.into_inner();
         r.progress_every.get_or_insert(10);
@@ -197,7 +267,11 @@ impl Generator for GeneratorService {
         let stream = async_stream(move |tx| async move {
             while let Some(event) = events.recv().await {
                 let msg = match event {
-                    Event::Progress { remaining, total, texts } => Ok(pb::GenerateEvent {
+                    Event::Progress {
+                        remaining,
+                        total,
+                        texts,
+                    } => Ok(pb::GenerateEvent {
                         event: Some(pb::generate_event::Event::Progress(pb::Progress {
                             step: remaining as u32,
                             total_steps: total as u32,
@@ -209,7 +283,12 @@ impl Generator for GeneratorService {
                     }),
                     Event::Done(Err(e)) => Err(Status::from(e)),
                 };
-                let last = !matches!(msg, Ok(pb::GenerateEvent { event: Some(pb::generate_event::Event::Progress(_)) }));
+                let last = !matches!(
+                    msg,
+                    Ok(pb::GenerateEvent {
+                        event: Some(pb::generate_event::Event::Progress(_))
+                    })
+                );
                 if tx.send(msg).await.is_err() || last {
                     break;
                 }
@@ -218,7 +297,10 @@ impl Generator for GeneratorService {
         Ok(Response::new(stream))
     }
 
-    async fn describe(&self, _: Request<pb::DescribeRequest>) -> std::result::Result<Response<pb::DescribeResponse>, Status> {
+    async fn describe(
+        &self,
+        _: Request<pb::DescribeRequest>,
+    ) -> std::result::Result<Response<pb::DescribeResponse>, Status> {
         let cfg = &self.model.model.config;
         let model = pb::ModelInfo {
             name: self.model.dir.display().to_string(),
@@ -227,7 +309,11 @@ impl Generator for GeneratorService {
             seq_len: cfg.seq_len as u32,
             diffusion_steps: cfg.diffusion_steps as u32,
             schedule: format!("{:?}", cfg.schedule).to_lowercase(),
-            embedding_sha256: self.model.model.embedding_sha256().map_err(|e| Status::internal(e.to_string()))?,
+            embedding_sha256: self
+                .model
+                .model
+                .embedding_sha256()
+                .map_err(|e| Status::internal(e.to_string()))?,
         };
         let guides = self
             .guides
@@ -236,14 +322,28 @@ impl Generator for GeneratorService {
             .map(|g| pb::GuideInfo {
                 name: g.name.clone(),
                 endpoints: vec![g.client.url.clone()],
-                fields: g.fields.iter().map(|(n, v)| pb::GuideField { name: n.clone(), values: v.clone() }).collect(),
+                fields: g
+                    .fields
+                    .iter()
+                    .map(|(n, v)| pb::GuideField {
+                        name: n.clone(),
+                        values: v.clone(),
+                    })
+                    .collect(),
                 ready: true,
             })
             .collect();
-        Ok(Response::new(pb::DescribeResponse { model: Some(model), guides, ready: true }))
+        Ok(Response::new(pb::DescribeResponse {
+            model: Some(model),
+            guides,
+            ready: true,
+        }))
     }
 
-    async fn set_guide(&self, req: Request<pb::SetGuideRequest>) -> std::result::Result<Response<pb::GuideInfo>, Status> {
+    async fn set_guide(
+        &self,
+        req: Request<pb::SetGuideRequest>,
+    ) -> std::result::Result<Response<pb::GuideInfo>, Status> {
         let r = req.into_inner();
         if r.name.is_empty() {
             return Err(Error::invalid("name", "is empty").into());
@@ -252,12 +352,22 @@ impl Generator for GeneratorService {
         Ok(Response::new(pb::GuideInfo {
             name: g.name.clone(),
             endpoints: vec![g.client.url.clone()],
-            fields: g.fields.iter().map(|(n, v)| pb::GuideField { name: n.clone(), values: v.clone() }).collect(),
+            fields: g
+                .fields
+                .iter()
+                .map(|(n, v)| pb::GuideField {
+                    name: n.clone(),
+                    values: v.clone(),
+                })
+                .collect(),
             ready: true,
         }))
     }
 
-    async fn remove_guide(&self, req: Request<pb::RemoveGuideRequest>) -> std::result::Result<Response<pb::RemoveGuideResponse>, Status> {
+    async fn remove_guide(
+        &self,
+        req: Request<pb::RemoveGuideRequest>,
+    ) -> std::result::Result<Response<pb::RemoveGuideResponse>, Status> {
         self.guides.remove(&req.into_inner().name)?;
         Ok(Response::new(pb::RemoveGuideResponse {}))
     }
@@ -281,7 +391,9 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<GeneratorServer<GeneratorService>>().await;
+    health
+        .set_serving::<GeneratorServer<GeneratorService>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(dlm_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The main job on one machine: build, start a guide and the generator with the default models on
+# loopback, wait until both answer, send a demo request, print the texts, stop both cleanly.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+deploy/setup.sh
+cargo build --release --quiet
+guide_port=${DLM_GUIDE_PORT:-18101}
+gen_port=${DLM_PORT:-18100}
+wait_port() { for _ in $(seq 1 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
+target/release/dlm-guide serve --model-repository models/guides --port "$guide_port" --metrics-port 0 &
+guide=$!
+gen=""
+trap 'kill -TERM $gen $guide 2>/dev/null || true; wait 2>/dev/null || true' EXIT
+wait_port "$guide_port"
+target/release/dlm-generator serve --model models/e2e-small --port "$gen_port" --metrics-port 0 \
+    --guide "e2e-semantic=http://127.0.0.1:$guide_port" &
+gen=$!
+wait_port "$gen_port"
+echo "--- 3 texts steered to food=Italian, area=riverside (seed 1):"
+target/release/dlm-generator generate --endpoint "http://127.0.0.1:$gen_port" \
+    --control food=Italian --control area=riverside --n 3 --seed 1
+echo "--- 3 texts of exactly 10 words, no control (seed 1):"
+target/release/dlm-generator generate --endpoint "http://127.0.0.1:$gen_port" --n 3 --seed 1 --length 10

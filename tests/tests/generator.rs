@@ -1,0 +1,322 @@
+//! The generator service with a real guide, over real processes on loopback.
+
+use std::time::Duration;
+
+use dlm_proto::dlm::v1 as pb;
+use dlm_tests::{repo_root, run, GeneratorServer, GuideServer};
+use tonic::Code;
+
+const GUIDE: &str = "e2e-semantic";
+
+async fn stack() -> (GuideServer, GeneratorServer) {
+    let guide = GuideServer::start(&repo_root().join("models/guides"), &["--poll-ms", "0"]).await;
+    let generator = GeneratorServer::start(&[
+        "--model".into(),
+        "models/e2e-small".into(),
+        "--guide".into(),
+        format!("{GUIDE}=http://127.0.0.1:{}", guide.port),
+        "--max-n".into(),
+        "16".into(),
+    ])
+    .await;
+    (guide, generator)
+}
+
+fn request(n: u32, steps: u32, seed: u64, targets: &[&str]) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        n,
+        steps: Some(steps),
+        seed: Some(seed),
+        controls: if targets.is_empty() {
+            vec![]
+        } else {
+            vec![pb::Control {
+                guide: GUIDE.into(),
+                targets: targets.iter().map(|t| t.to_string()).collect(),
+                weight: None,
+            }]
+        },
+        ..Default::default()
+    }
+}
+
+fn mentions(texts: &[String], word: &str) -> usize {
+    texts
+        .iter()
+        .filter(|t| t.split(' ').any(|w| w == word))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guided_beats_unguided_and_same_seed_same_text() {
+    let (_guide, generator) = stack().await;
+    let mut client = generator.client().await;
+    let texts = |r: pb::GenerateResponse| r.samples.into_iter().map(|s| s.text).collect::<Vec<_>>();
+    let unguided = texts(
+        client
+            .generate(request(8, 40, 7, &[]))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let guided_resp = client
+        .generate(request(8, 40, 7, &["food=Italian"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(guided_resp.seed, 7);
+    assert!(guided_resp
+        .samples
+        .iter()
+        .all(|s| s.scores.len() == 1 && s.scores[0].guide == GUIDE));
+    let guided = texts(guided_resp);
+    let (g, u) = (mentions(&guided, "italian"), mentions(&unguided, "italian"));
+    assert!(
+        g > u,
+        "guided texts mention italian {g}/8 times, unguided {u}/8:\n{guided:#?}\n{unguided:#?}"
+    );
+
+    let again = texts(
+        client
+            .generate(request(8, 40, 7, &["food=Italian"]))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(again, guided, "same seed and request, different text");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exact_length_and_infilling_hold_every_time() {
+    let (_guide, generator) = stack().await;
+    let mut client = generator.client().await;
+    let mut r = request(6, 30, 3, &[]);
+    r.length = Some(9);
+    let resp = client.generate(r).await.unwrap().into_inner();
+    for s in &resp.samples {
+        assert_eq!(s.tokens.len(), 9, "{:?}", s.text);
+    }
+    let mut r = request(3, 30, 4, &[]);
+    r.infill = Some(pb::Infill {
+        template: ["the", "_", "_", "is", "a", "_", "_", "."]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+    });
+    let resp = client.generate(r).await.unwrap().into_inner();
+    for s in &resp.samples {
+        assert_eq!(s.tokens[0], "the", "{:?}", s.text);
+        assert_eq!(&s.tokens[3..5], ["is", "a"], "{:?}", s.text);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_are_invalid_argument_naming_the_problem() {
+    let (_guide, generator) = stack().await;
+    let mut client = generator.client().await;
+    let mut cases: Vec<(pb::GenerateRequest, &str)> = vec![
+        (request(0, 10, 1, &[]), "`n`"),
+        (request(17, 10, 1, &[]), "`n`"),
+        (request(1, 2001, 1, &[]), "`steps`"),
+        (request(1, 10, 1, &["food=Martian"]), "Martian"),
+        (request(1, 10, 1, &["colour=red"]), "colour"),
+        (request(1, 10, 1, &["food"]), "field=value"),
+    ];
+    let mut r = request(1, 10, 1, &["food=Italian"]);
+    r.controls[0].guide = "no-such-guide".into();
+    cases.push((r, "no-such-guide"));
+    let mut r = request(1, 10, 1, &[]);
+    r.infill = Some(pb::Infill {
+        template: vec!["_".into(); 80],
+    });
+    cases.push((r, "infill.template"));
+    let mut r = request(1, 10, 1, &[]);
+    r.infill = Some(pb::Infill {
+        template: vec!["zzzqqq".into()],
+    });
+    cases.push((r, "zzzqqq"));
+    let mut r = request(1, 10, 1, &[]);
+    r.length = Some(500);
+    cases.push((r, "`length`"));
+    for (req, needle) in cases {
+        let err = client.generate(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+        assert!(
+            err.message().contains(needle),
+            "{:?} lacks {needle:?}",
+            err.message()
+        );
+    }
+    client.generate(request(1, 5, 1, &[])).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_guide_gives_unavailable_and_the_generator_stays_healthy() {
+    let (mut guide, generator) = stack().await;
+    let mut client = generator.client().await;
+    client
+        .generate(request(1, 20, 1, &["area=riverside"]))
+        .await
+        .unwrap();
+    guide.kill();
+    // An unguided request shares the batch with the one whose guide is gone: it must not suffer.
+    let mut other = client.clone();
+    let bystander = tokio::spawn(async move { other.generate(request(2, 60, 3, &[])).await });
+    let err = client
+        .generate(request(2, 20, 1, &["area=riverside"]))
+        .await
+        .unwrap_err();
+    bystander
+        .await
+        .unwrap()
+        .expect("an unguided request failed because another's guide died");
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+    assert!(err.message().contains(GUIDE), "{}", err.message());
+    // Unguided work goes on.
+    let resp = client
+        .generate(request(2, 20, 1, &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.samples.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancellation_frees_the_slot() {
+    let guide = GuideServer::start(&repo_root().join("models/guides"), &["--poll-ms", "0"]).await;
+    let generator = GeneratorServer::start(&[
+        "--model".into(),
+        "models/e2e-small".into(),
+        "--guide".into(),
+        format!("{GUIDE}=http://127.0.0.1:{}", guide.port),
+        "--max-batch".into(),
+        "2".into(),
+    ])
+    .await;
+    let mut client = generator.client().await;
+    // A long request fills the batch, then its caller goes away.
+    let long = tokio::time::timeout(
+        Duration::from_millis(500),
+        client.generate(request(2, 2000, 1, &[])),
+    )
+    .await;
+    assert!(long.is_err(), "the long request should still be running");
+    let started = std::time::Instant::now();
+    let resp = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.generate(request(2, 10, 2, &[])),
+    )
+    .await
+    .expect("the slot was never freed")
+    .unwrap();
+    assert_eq!(resp.into_inner().samples.len(), 2);
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guides_swap_under_load_and_a_foreign_guide_is_refused() {
+    let (guide, generator) = stack().await;
+    let mut client = generator.client().await;
+    let load: Vec<_> = (0..3)
+        .map(|i| {
+            let mut c = client.clone();
+            tokio::spawn(async move {
+                c.generate(request(2, 30, i, &["eatType=pub"]))
+                    .await
+                    .map(|_| ())
+            })
+        })
+        .collect();
+    // Replace the guide (same name, same server) while those run.
+    for _ in 0..3 {
+        client
+            .set_guide(pb::SetGuideRequest {
+                name: GUIDE.into(),
+                url: format!("http://127.0.0.1:{}", guide.port),
+            })
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for t in load {
+        t.await
+            .unwrap()
+            .expect("a request failed during the guide swap");
+    }
+    let described = client
+        .describe(pb::DescribeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(described.guides.len(), 1);
+    assert!(described.guides[0].fields.iter().any(|f| f.name == "food"));
+
+    // A generator whose embedding differs refuses the same guide, at start-up and at SetGuide.
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("other-model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(repo_root().join("models/e2e-small").join(f), model.join(f)).unwrap();
+    }
+    let mut tensors = candle_core::safetensors::load(
+        repo_root().join("models/e2e-small/model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let e = tensors["embedding.weight"].clone();
+    tensors.insert("embedding.weight".into(), (e * 1.01).unwrap());
+    candle_core::safetensors::save(&tensors, model.join("model.safetensors")).unwrap();
+    let out = run(
+        "dlm-generator",
+        &[
+            "serve",
+            "--model",
+            model.to_str().unwrap(),
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--guide",
+            &format!("{GUIDE}=http://127.0.0.1:{}", guide.port),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("refused") && stderr.contains("embedding"),
+        "{stderr}"
+    );
+    let other = GeneratorServer::start(&["--model".into(), model.to_str().unwrap().into()]).await;
+    let err = other
+        .client()
+        .await
+        .set_guide(pb::SetGuideRequest {
+            name: GUIDE.into(),
+            url: format!("http://127.0.0.1:{}", guide.port),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_reports_progress_then_the_result() {
+    let (_guide, generator) = stack().await;
+    let mut client = generator.client().await;
+    let mut r = request(2, 30, 5, &["area=riverside"]);
+    r.progress_every = Some(10);
+    let mut stream = client.generate_stream(r).await.unwrap().into_inner();
+    let (mut progress, mut result) = (0, None);
+    while let Some(ev) = stream.message().await.unwrap() {
+        match ev.event.unwrap() {
+            pb::generate_event::Event::Progress(p) => {
+                assert_eq!(p.total_steps, 30);
+                assert_eq!(p.texts.len(), 2);
+                progress += 1;
+            }
+            pb::generate_event::Event::Result(r) => result = Some(r),
+        }
+    }
+    assert!(progress >= 2, "{progress} progress events");
+    assert_eq!(result.expect("a result").samples.len(), 2);
+}
