@@ -50,6 +50,34 @@ enum Command {
     Serve(ServeArgs),
     /// Call a running generator: one text per line on stdout.
     Generate(GenerateArgs),
+    /// Measure control through a running generator: (field, value) targets from E2E test MRs,
+    /// guided and unguided on the same seeds; success per field and fluency (table on stdout).
+    EvalControl(EvalControlArgs),
+}
+
+#[derive(Args)]
+struct EvalControlArgs {
+    #[arg(long, env = "DLM_ENDPOINT", default_value = "http://127.0.0.1:8000")]
+    endpoint: String,
+    #[arg(long, env = "DLM_GUIDE", default_value = "e2e-semantic")]
+    guide: String,
+    #[arg(long, env = "DLM_DATA_DIR", default_value = "../shared/data/e2e")]
+    data_dir: PathBuf,
+    /// Number of (field, value) targets.
+    #[arg(long, env = "DLM_TARGETS", default_value_t = 200)]
+    targets: usize,
+    /// Texts per target.
+    #[arg(long, env = "DLM_N", default_value_t = 1)]
+    n: u32,
+    #[arg(long, env = "DLM_SAMPLE_STEPS", default_value_t = 200)]
+    steps: u32,
+    /// Requests in flight at once (the engine batches them).
+    #[arg(long, env = "DLM_CONCURRENCY", default_value_t = 32)]
+    concurrency: usize,
+    #[arg(long, env = "DLM_SEED", default_value_t = 0)]
+    seed: u64,
+    #[arg(long, env = "DLM_WEIGHT")]
+    weight: Option<f32>,
 }
 
 #[derive(Args)]
@@ -295,6 +323,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Bench(args) => bench(args),
         Command::Serve(args) => serve(args),
         Command::Generate(args) => generate(args),
+        Command::EvalControl(args) => eval_control(args),
     }
 }
 
@@ -586,4 +615,125 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
+    use dlm_generator::eval::control::realises;
+    use dlm_generator::text::read_e2e;
+    use dlm_proto::dlm::v1 as pb;
+    use rand::{Rng, SeedableRng};
+    const FIELDS: [&str; 7] = [
+        "eatType",
+        "food",
+        "priceRange",
+        "customer rating",
+        "area",
+        "familyFriendly",
+        "near",
+    ];
+    let test = read_e2e(&args.data_dir.join(data::TEST_FILE))?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
+    let mut targets: Vec<(String, String)> = Vec::new();
+    while targets.len() < args.targets {
+        let mr = &test[rng.random_range(0..test.len())].mr;
+        let (f, v) = &mr.0[rng.random_range(0..mr.0.len())];
+        if FIELDS.contains(&f.as_str()) {
+            targets.push((f.clone(), v.clone()));
+        }
+    }
+    let rt = tokio::runtime::Runtime::new()?;
+    let results: Vec<(String, String, Vec<String>, Vec<String>)> = rt.block_on(async {
+        let client = pb::generator_client::GeneratorClient::connect(args.endpoint.clone()).await?;
+        let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
+        let progress = indicatif::ProgressBar::new(targets.len() as u64);
+        let mut tasks = Vec::new();
+        for (i, (f, v)) in targets.iter().cloned().enumerate() {
+            let (mut client, sem, guide, progress) = (
+                client.clone(),
+                sem.clone(),
+                args.guide.clone(),
+                progress.clone(),
+            );
+            let (n, steps, weight, seed) = (
+                args.n,
+                args.steps,
+                args.weight,
+                args.seed * 1_000_003 + i as u64,
+            );
+            tasks.push(tokio::spawn(async move {
+                let _permit = sem.acquire().await?;
+                let base = pb::GenerateRequest {
+                    n,
+                    steps: Some(steps),
+                    seed: Some(seed),
+                    ..Default::default()
+                };
+                let mut guided = base.clone();
+                guided.controls = vec![pb::Control {
+                    guide,
+                    targets: vec![format!("{f}={v}")],
+                    weight,
+                }];
+                let texts = |r: pb::GenerateResponse| {
+                    r.samples.into_iter().map(|s| s.text).collect::<Vec<_>>()
+                };
+                let g = texts(client.generate(guided).await?.into_inner());
+                let u = texts(client.generate(base).await?.into_inner());
+                progress.inc(1);
+                anyhow::Ok((f, v, g, u))
+            }));
+        }
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await??);
+        }
+        progress.finish_and_clear();
+        anyhow::Ok(out)
+    })?;
+    let mut table = String::from(
+        "| field | targets | guided success | unguided success |\n|---|---:|---:|---:|\n",
+    );
+    let (mut sum_g, mut sum_u, mut fields) = (0.0, 0.0, 0);
+    for field in FIELDS {
+        let rows: Vec<_> = results.iter().filter(|r| r.0 == field).collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let rate = |pick: fn(&(String, String, Vec<String>, Vec<String>)) -> &Vec<String>| {
+            let (mut ok, mut all) = (0usize, 0usize);
+            for r in &rows {
+                for t in pick(r) {
+                    all += 1;
+                    ok += realises(t, &r.0, &r.1) as usize;
+                }
+            }
+            ok as f64 / all.max(1) as f64
+        };
+        let (g, u) = (rate(|r| &r.2), rate(|r| &r.3));
+        sum_g += g;
+        sum_u += u;
+        fields += 1;
+        table.push_str(&format!(
+            "| {field} | {} | {:.1}% | {:.1}% |\n",
+            rows.len(),
+            100.0 * g,
+            100.0 * u
+        ));
+    }
+    let guided: Vec<String> = results.iter().flat_map(|r| r.2.clone()).collect();
+    let unguided: Vec<String> = results.iter().flat_map(|r| r.3.clone()).collect();
+    let fg = FluencyReport::compute(&args.data_dir, &guided, 4)?;
+    let fu = FluencyReport::compute(&args.data_dir, &unguided, 4)?;
+    table.push_str(&format!(
+        "| **mean of {fields} fields** | {} | **{:.1}%** | {:.1}% |\n\n4-gram perplexity ratio (texts ÷ E2E test references): guided {:.2}, unguided {:.2}; {} sampling steps, {} text(s) per target.\n",
+        results.len(),
+        100.0 * sum_g / fields.max(1) as f64,
+        100.0 * sum_u / fields.max(1) as f64,
+        fg.ratio,
+        fu.ratio,
+        args.steps,
+        args.n
+    ));
+    print!("{table}");
+    Ok(())
 }

@@ -1,5 +1,6 @@
 //! Evaluation of generated text.
 
+pub mod control;
 pub mod fluency;
 pub mod report;
 
