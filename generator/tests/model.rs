@@ -51,9 +51,7 @@ fn every_trainable_tensor_gets_a_nonzero_gradient() {
     let cfg = tiny_config(tok.vocab_size());
     let (model, varmap) = build(&cfg, &Device::Cpu, 1).unwrap();
     let schedule = NoiseSchedule::new(cfg.schedule, cfg.diffusion_steps).unwrap();
-    let mut rngs: Vec<_> = (0..4)
-        .map(|i| rand::rngs::StdRng::seed_from_u64(i))
-        .collect();
+    let mut rngs: Vec<_> = (0..4).map(rand::rngs::StdRng::seed_from_u64).collect();
     // Include t = 0 (the clean-embedding target) and the last step.
     let losses = diffusion_loss(
         &model,
@@ -182,9 +180,7 @@ fn sharded_gradients_match_one_shard() {
     let schedule = NoiseSchedule::new(cfg.schedule, cfg.diffusion_steps).unwrap();
     let ids = batch(&tok, cfg.seq_len);
     let grads = |shards: usize| {
-        let mut rngs: Vec<_> = (0..4)
-            .map(|i| rand::rngs::StdRng::seed_from_u64(i))
-            .collect();
+        let mut rngs: Vec<_> = (0..4).map(rand::rngs::StdRng::seed_from_u64).collect();
         step_gradients(
             &model,
             &schedule,

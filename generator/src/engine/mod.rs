@@ -128,6 +128,9 @@ impl Running {
     }
 }
 
+/// A sequence a guide steers this step: (batch row, targets, weight).
+type GuidedRow = (usize, Vec<i64>, f32);
+
 struct Seq {
     run: usize, // index into `running`
     slot: usize,
@@ -381,8 +384,7 @@ impl Engine {
     ) -> Result<Vec<(usize, Error)>> {
         let cfg = &self.model.model.config;
         let (l, d) = (cfg.seq_len, cfg.embed_dim);
-        // (guide, [(batch row, targets, weight)])
-        let mut by_guide: Vec<(Arc<RegisteredGuide>, Vec<(usize, Vec<i64>, f32)>)> = Vec::new();
+        let mut by_guide: Vec<(Arc<RegisteredGuide>, Vec<GuidedRow>)> = Vec::new();
         for (b, s) in self.seqs.iter().enumerate() {
             let r = self.running[s.run].as_ref().expect("live run");
             if !r.job.guidance.active(s.index) {

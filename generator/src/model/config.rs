@@ -63,7 +63,7 @@ impl ModelConfig {
                 return Err(Error::invalid(field, "must be positive"));
             }
         }
-        if self.hidden % self.heads != 0 || self.hidden % 2 != 0 {
+        if !self.hidden.is_multiple_of(self.heads) || !self.hidden.is_multiple_of(2) {
             return Err(Error::invalid(
                 "hidden",
                 format!(

@@ -266,7 +266,7 @@ fn erf(x: f32) -> f32 {
 }
 
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
-const FRAC_1_SQRT_2PI: f32 = 0.398_942_28;
+const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
 /// GELU with the exact (erf) form: x · Φ(x).
 struct Gelu;

@@ -147,7 +147,7 @@ impl GeneratorService {
                 fixed[i + 1] = Some(ids[0]);
             }
         }
-        let g = r.guidance.clone().unwrap_or_default();
+        let g = r.guidance.unwrap_or_default();
         let d = GuidanceConfig::default();
         let guidance = GuidanceConfig {
             steps_per_diffusion_step: g
