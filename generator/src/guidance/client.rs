@@ -180,6 +180,67 @@ impl RegisteredGuide {
     }
 }
 
+/// How often a guide's host name is resolved again (replicas come and go behind a headless Service).
+const RESOLVE_EVERY: Duration = Duration::from_secs(10);
+
+/// One channel balanced over every address the guide's host resolves to, kept in step with DNS by
+/// a background task (which ends when the channel is dropped).
+async fn resolving_channel(name: &str, base: &str, every: Duration) -> Result<Channel> {
+    let uri: tonic::codegen::http::Uri = base
+        .parse()
+        .map_err(|e| Error::invalid("guide", format!("bad URL `{base}`: {e}")))?;
+    let host = uri
+        .host()
+        .ok_or_else(|| Error::invalid("guide", format!("no host in `{base}`")))?
+        .trim_matches(['[', ']'])
+        .to_string();
+    let port = uri.port_u16().unwrap_or(80);
+    let resolve = move || {
+        let host = host.clone();
+        async move {
+            tokio::net::lookup_host((host.as_str(), port))
+                .await
+                .map(|addrs| addrs.collect::<std::collections::BTreeSet<std::net::SocketAddr>>())
+                .unwrap_or_default()
+        }
+    };
+    let endpoint = |addr: std::net::SocketAddr| {
+        Endpoint::from_shared(format!("http://{addr}"))
+            .map(|e| e.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true))
+            .map_err(|e| Error::Internal(e.to_string()))
+    };
+    let mut current = resolve().await;
+    if current.is_empty() {
+        return Err(Error::Unavailable(format!("guide `{name}`: cannot resolve {base}")));
+    }
+    let (channel, tx) = Channel::balance_channel::<std::net::SocketAddr>(64);
+    for &addr in &current {
+        let _ = tx.send(tonic::transport::channel::Change::Insert(addr, endpoint(addr)?)).await;
+    }
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            if tx.is_closed() {
+                break;
+            }
+            let fresh = resolve().await;
+            if fresh.is_empty() {
+                continue; // a failed lookup keeps the last known replicas
+            }
+            for &addr in fresh.difference(&current) {
+                if let Ok(e) = endpoint(addr) {
+                    let _ = tx.send(tonic::transport::channel::Change::Insert(addr, e)).await;
+                }
+            }
+            for &addr in current.difference(&fresh) {
+                let _ = tx.send(tonic::transport::channel::Change::Remove(addr)).await;
+            }
+            current = fresh;
+        }
+    });
+    Ok(channel)
+}
+
 /// The guides this generator calls, by name; hot-swappable while serving.
 pub struct GuideRegistry {
     signature: ModelSignature,
@@ -206,13 +267,7 @@ impl GuideRegistry {
             }
             _ => (url.to_string(), name.to_string()),
         };
-        let endpoint = Endpoint::from_shared(base.clone())
-            .map_err(|e| Error::invalid("guide", format!("bad URL `{url}`: {e}")))?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true);
-        let channel = endpoint.connect().await.map_err(|e| {
-            Error::Unavailable(format!("guide `{name}` at {base}: cannot connect: {e}"))
-        })?;
+        let channel = resolving_channel(name, &base, RESOLVE_EVERY).await?;
         let mut request = tonic::Request::new(GetCardRequest {
             model_name: model.clone(),
             model_version: String::new(),
