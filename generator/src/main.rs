@@ -85,7 +85,8 @@ struct ServeArgs {
     /// Model directory.
     #[arg(long, env = "DLM_MODEL", default_value = "models/e2e-small")]
     model: PathBuf,
-    /// A guide as NAME=URL (http://host:port[/model]); repeat for more.
+    /// A guide as NAME=URL (http://host:port[/model]), or NAME=URL#CARD.json for a model on another
+    /// OIP server; repeat for more.
     #[arg(long = "guide", env = "DLM_GUIDES", value_delimiter = ',')]
     guides: Vec<String>,
     #[arg(long, env = "DLM_HOST", default_value = "127.0.0.1")]
@@ -533,7 +534,17 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let (name, url) = spec.split_once('=').ok_or_else(|| {
                 anyhow::anyhow!("invalid argument `guide`: `{spec}` is not NAME=URL")
             })?;
-            registry.register(name, url).await?;
+            let (url, card) = match url.split_once('#') {
+                Some((url, path)) => (
+                    url,
+                    Some(
+                        std::fs::read_to_string(path)
+                            .with_context(|| format!("reading guide card {path}"))?,
+                    ),
+                ),
+                None => (url, None),
+            };
+            registry.register(name, url, card.as_deref()).await?;
         }
         if args.metrics_port != 0 {
             metrics_exporter_prometheus::PrometheusBuilder::new()

@@ -233,6 +233,7 @@ async fn guides_swap_under_load_and_a_foreign_guide_is_refused() {
             .set_guide(pb::SetGuideRequest {
                 name: GUIDE.into(),
                 url: format!("http://127.0.0.1:{}", guide.port),
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -243,6 +244,30 @@ async fn guides_swap_under_load_and_a_foreign_guide_is_refused() {
             .unwrap()
             .expect("a request failed during the guide swap");
     }
+    // A guide described by its card file (as for a model on another OIP server).
+    let card = std::fs::read_to_string(repo_root().join("models/guides/e2e-semantic/1/card.json"))
+        .unwrap();
+    let url = format!("http://127.0.0.1:{}/{GUIDE}", guide.port);
+    client
+        .set_guide(pb::SetGuideRequest {
+            name: GUIDE.into(),
+            url: url.clone(),
+            card_json: card.clone(),
+        })
+        .await
+        .unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&card).unwrap();
+    v["embedding_sha256"] = serde_json::json!("0".repeat(64));
+    let err = client
+        .set_guide(pb::SetGuideRequest {
+            name: "other".into(),
+            url,
+            card_json: v.to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    assert!(err.message().contains("embedding"), "{}", err.message());
     let described = client
         .describe(pb::DescribeRequest {})
         .await
@@ -293,6 +318,7 @@ async fn guides_swap_under_load_and_a_foreign_guide_is_refused() {
         .set_guide(pb::SetGuideRequest {
             name: GUIDE.into(),
             url: format!("http://127.0.0.1:{}", guide.port),
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -180,6 +180,51 @@ impl RegisteredGuide {
     }
 }
 
+/// A guide card from `card.json` (the format `guide/train/train_classifier.py` writes).
+fn card_from_json(json: &str) -> std::result::Result<dlm_proto::dlm::v1::GuideCard, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| format!("invalid card JSON: {e}"))?;
+    let text = |k: &str| {
+        v[k].as_str()
+            .map(str::to_string)
+            .ok_or_else(|| format!("card lacks `{k}`"))
+    };
+    let num = |k: &str| {
+        v[k].as_u64()
+            .map(|n| n as u32)
+            .ok_or_else(|| format!("card lacks `{k}`"))
+    };
+    let fields = v["fields"]
+        .as_array()
+        .ok_or("card lacks `fields`")?
+        .iter()
+        .map(|f| {
+            Ok(dlm_proto::dlm::v1::GuideField {
+                name: f["name"]
+                    .as_str()
+                    .ok_or("a field lacks `name`")?
+                    .to_string(),
+                values: f["values"]
+                    .as_array()
+                    .ok_or("a field lacks `values`")?
+                    .iter()
+                    .filter_map(|x| x.as_str().map(str::to_string))
+                    .collect(),
+            })
+        })
+        .collect::<std::result::Result<Vec<_>, &str>>()?;
+    Ok(dlm_proto::dlm::v1::GuideCard {
+        model_name: String::new(),
+        model_version: String::new(),
+        fields,
+        embedding_sha256: text("embedding_sha256")?,
+        diffusion_steps: num("diffusion_steps")?,
+        schedule: text("schedule")?,
+        seq_len: num("seq_len")?,
+        embed_dim: num("embed_dim")?,
+    })
+}
+
 /// How often a guide's host name is resolved again (replicas come and go behind a headless Service).
 const RESOLVE_EVERY: Duration = Duration::from_secs(10);
 
@@ -211,11 +256,18 @@ async fn resolving_channel(name: &str, base: &str, every: Duration) -> Result<Ch
     };
     let mut current = resolve().await;
     if current.is_empty() {
-        return Err(Error::Unavailable(format!("guide `{name}`: cannot resolve {base}")));
+        return Err(Error::Unavailable(format!(
+            "guide `{name}`: cannot resolve {base}"
+        )));
     }
     let (channel, tx) = Channel::balance_channel::<std::net::SocketAddr>(64);
     for &addr in &current {
-        let _ = tx.send(tonic::transport::channel::Change::Insert(addr, endpoint(addr)?)).await;
+        let _ = tx
+            .send(tonic::transport::channel::Change::Insert(
+                addr,
+                endpoint(addr)?,
+            ))
+            .await;
     }
     tokio::spawn(async move {
         loop {
@@ -229,11 +281,15 @@ async fn resolving_channel(name: &str, base: &str, every: Duration) -> Result<Ch
             }
             for &addr in fresh.difference(&current) {
                 if let Ok(e) = endpoint(addr) {
-                    let _ = tx.send(tonic::transport::channel::Change::Insert(addr, e)).await;
+                    let _ = tx
+                        .send(tonic::transport::channel::Change::Insert(addr, e))
+                        .await;
                 }
             }
             for &addr in current.difference(&fresh) {
-                let _ = tx.send(tonic::transport::channel::Change::Remove(addr)).await;
+                let _ = tx
+                    .send(tonic::transport::channel::Change::Remove(addr))
+                    .await;
             }
             current = fresh;
         }
@@ -258,9 +314,15 @@ impl GuideRegistry {
     }
 
     /// Connects to a guide (`url` = http://host:port[/model], model defaulting to `name`), reads its
-    /// card, and refuses it unless it was trained for this generator's model. Replaces a guide of
-    /// the same name.
-    pub async fn register(&self, name: &str, url: &str) -> Result<Arc<RegisteredGuide>> {
+    /// card — from the guide's `dlm.v1.GuideCards` service, or from `card_json` (the `card.json`
+    /// written beside the model) for a model hosted on another OIP server — and refuses it unless it
+    /// was trained for this generator's model. Replaces a guide of the same name.
+    pub async fn register(
+        &self,
+        name: &str,
+        url: &str,
+        card_json: Option<&str>,
+    ) -> Result<Arc<RegisteredGuide>> {
         let (base, model) = match url.trim_end_matches('/').rsplit_once('/') {
             Some((base, model)) if base.contains("://") && !model.contains(':') => {
                 (base.to_string(), model.to_string())
@@ -268,21 +330,27 @@ impl GuideRegistry {
             _ => (url.to_string(), name.to_string()),
         };
         let channel = resolving_channel(name, &base, RESOLVE_EVERY).await?;
-        let mut request = tonic::Request::new(GetCardRequest {
-            model_name: model.clone(),
-            model_version: String::new(),
-        });
-        request.set_timeout(self.timeout);
-        let card = GuideCardsClient::new(channel.clone())
-            .get_card(request)
-            .await
-            .map_err(|s| {
-                Error::Unavailable(format!(
-                    "guide `{name}` at {base}: no card for model `{model}`: {}",
-                    s.message()
-                ))
-            })?
-            .into_inner();
+        let card = match card_json {
+            Some(json) => card_from_json(json)
+                .map_err(|e| Error::invalid("card", format!("guide `{name}`: {e}")))?,
+            None => {
+                let mut request = tonic::Request::new(GetCardRequest {
+                    model_name: model.clone(),
+                    model_version: String::new(),
+                });
+                request.set_timeout(self.timeout);
+                GuideCardsClient::new(channel.clone())
+                    .get_card(request)
+                    .await
+                    .map_err(|s| {
+                        Error::Unavailable(format!(
+                            "guide `{name}` at {base}: no card for model `{model}` ({}); give its card.json",
+                            s.message()
+                        ))
+                    })?
+                    .into_inner()
+            }
+        };
         let got = ModelSignature {
             embedding_sha256: card.embedding_sha256.clone(),
             diffusion_steps: card.diffusion_steps as usize,

@@ -348,7 +348,8 @@ impl Generator for GeneratorService {
         if r.name.is_empty() {
             return Err(Error::invalid("name", "is empty").into());
         }
-        let g = self.guides.register(&r.name, &r.url).await?;
+        let card = (!r.card_json.is_empty()).then_some(r.card_json.as_str());
+        let g = self.guides.register(&r.name, &r.url, card).await?;
         Ok(Response::new(pb::GuideInfo {
             name: g.name.clone(),
             endpoints: vec![g.client.url.clone()],
