@@ -20,15 +20,26 @@ fn guide(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
 fn help_lists_flags_with_their_env_vars() {
     let (code, out, _) = guide(&["serve", "--help"], &[]);
     assert_eq!(code, Some(0));
-    for flag in ["--model-repository", "--batch-window-us", "--keep-versions", "[env: DLM_PORT="] {
+    for flag in [
+        "--model-repository",
+        "--batch-window-us",
+        "--keep-versions",
+        "[env: DLM_PORT=",
+    ] {
         assert!(out.contains(flag), "help lacks {flag}:\n{out}");
     }
 }
 
 #[test]
 fn missing_onnx_runtime_or_repository_is_a_clear_error() {
-    let (code, _, err) = guide(&["serve", "--metrics-port", "0"], &[("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")]);
+    let (code, _, err) = guide(
+        &["serve", "--metrics-port", "0"],
+        &[("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")],
+    );
     assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains("/nonexistent/libonnxruntime.so") && err.contains("does not exist"), "{err}");
+    assert!(
+        err.contains("/nonexistent/libonnxruntime.so") && err.contains("does not exist"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
 }
