@@ -8,18 +8,23 @@ use tonic::Code;
 
 const GUIDE: &str = "e2e-semantic";
 
-async fn stack() -> (GuideServer, GeneratorServer) {
+/// The shipped guide and the shipped generator wired to it; `limit` is one more (flag, value).
+async fn stack_with(limit: (&str, &str)) -> (GuideServer, GeneratorServer) {
     let guide = GuideServer::start(&repo_root().join("models/guides"), &["--poll-ms", "0"]).await;
     let generator = GeneratorServer::start(&[
         "--model".into(),
         "models/e2e-small".into(),
         "--guide".into(),
         format!("{GUIDE}=http://127.0.0.1:{}", guide.port),
-        "--max-n".into(),
-        "16".into(),
+        limit.0.into(),
+        limit.1.into(),
     ])
     .await;
     (guide, generator)
+}
+
+async fn stack() -> (GuideServer, GeneratorServer) {
+    stack_with(("--max-n", "16")).await
 }
 
 fn request(n: u32, steps: u32, seed: u64, targets: &[&str]) -> pb::GenerateRequest {
@@ -183,16 +188,7 @@ async fn a_dead_guide_gives_unavailable_and_the_generator_stays_healthy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancellation_frees_the_slot() {
-    let guide = GuideServer::start(&repo_root().join("models/guides"), &["--poll-ms", "0"]).await;
-    let generator = GeneratorServer::start(&[
-        "--model".into(),
-        "models/e2e-small".into(),
-        "--guide".into(),
-        format!("{GUIDE}=http://127.0.0.1:{}", guide.port),
-        "--max-batch".into(),
-        "2".into(),
-    ])
-    .await;
+    let (_guide, generator) = stack_with(("--max-batch", "2")).await;
     let mut client = generator.client().await;
     // A long request fills the batch, then its caller goes away.
     let long = tokio::time::timeout(

@@ -319,19 +319,7 @@ impl Generator for GeneratorService {
             .guides
             .list()
             .into_iter()
-            .map(|g| pb::GuideInfo {
-                name: g.name.clone(),
-                endpoints: vec![g.client.url.clone()],
-                fields: g
-                    .fields
-                    .iter()
-                    .map(|(n, v)| pb::GuideField {
-                        name: n.clone(),
-                        values: v.clone(),
-                    })
-                    .collect(),
-                ready: true,
-            })
+            .map(|g| guide_info(&g))
             .collect();
         Ok(Response::new(pb::DescribeResponse {
             model: Some(model),
@@ -350,19 +338,7 @@ impl Generator for GeneratorService {
         }
         let card = (!r.card_json.is_empty()).then_some(r.card_json.as_str());
         let g = self.guides.register(&r.name, &r.url, card).await?;
-        Ok(Response::new(pb::GuideInfo {
-            name: g.name.clone(),
-            endpoints: vec![g.client.url.clone()],
-            fields: g
-                .fields
-                .iter()
-                .map(|(n, v)| pb::GuideField {
-                    name: n.clone(),
-                    values: v.clone(),
-                })
-                .collect(),
-            ready: true,
-        }))
+        Ok(Response::new(guide_info(&g)))
     }
 
     async fn remove_guide(
@@ -371,6 +347,22 @@ impl Generator for GeneratorService {
     ) -> std::result::Result<Response<pb::RemoveGuideResponse>, Status> {
         self.guides.remove(&req.into_inner().name)?;
         Ok(Response::new(pb::RemoveGuideResponse {}))
+    }
+}
+
+fn guide_info(g: &crate::guidance::RegisteredGuide) -> pb::GuideInfo {
+    pb::GuideInfo {
+        name: g.name.clone(),
+        endpoints: vec![g.client.url.clone()],
+        fields: g
+            .fields
+            .iter()
+            .map(|(n, v)| pb::GuideField {
+                name: n.clone(),
+                values: v.clone(),
+            })
+            .collect(),
+        ready: true,
     }
 }
 
