@@ -119,7 +119,6 @@ struct Running {
     next_slot: usize,
     results: Vec<Option<GeneratedText>>,
     guidance_ms: f64,
-    failed: bool,
 }
 
 impl Running {
@@ -226,7 +225,6 @@ impl Engine {
             next_slot: 0,
             results: (0..n).map(|_| None).collect(),
             guidance_ms: 0.0,
-            failed: false,
         }));
         self.waiting.push_back(self.running.len() - 1);
     }
@@ -662,9 +660,7 @@ impl Engine {
             self.seqs.remove(b);
         }
         for i in 0..self.running.len() {
-            let complete = self.running[i]
-                .as_ref()
-                .is_some_and(|r| r.done() && !r.failed);
+            let complete = self.running[i].as_ref().is_some_and(|r| r.done());
             if !complete {
                 continue;
             }
