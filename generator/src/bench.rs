@@ -8,6 +8,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use crate::device::{name as device_name, shards, synchronize};
 use crate::diffusion::sampler::sequence_rng;
 use crate::diffusion::{NoiseSchedule, Sampler, SamplerKind};
 use crate::model::diffusion_lm::build;
@@ -19,6 +20,7 @@ use crate::Result;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BenchRow {
     pub model: String,
+    pub device: String,
     pub params: usize,
     pub threads: usize,
     pub batch: usize,
@@ -33,27 +35,30 @@ pub fn median(values: &[f64]) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-fn time_ms(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+fn time_ms(device: &Device, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?; // warm-up
+    synchronize(device)?;
     let mut times = Vec::with_capacity(reps);
     for _ in 0..reps {
         let start = Instant::now();
         f()?;
+        synchronize(device)?;
         times.push(start.elapsed().as_secs_f64() * 1e3);
     }
     Ok(median(&times))
 }
 
-/// Median train-step and sampling-step times of `config` at batch size `batch`.
+/// Median train-step and sampling-step times of `config` at batch size `batch` on `device`
+/// (sharded over the worker threads on the CPU).
 pub fn bench(
     name: &str,
     config: &ModelConfig,
     batch: usize,
-    threads: usize,
+    device: &Device,
     reps: usize,
 ) -> Result<BenchRow> {
-    let device = Device::Cpu;
-    let (model, varmap) = build(config, &device, 0)?;
+    let threads = crate::runtime::threads();
+    let (model, varmap) = build(config, device, 0)?;
     let vars = named_vars(&varmap);
     let params = vars.iter().map(|(_, v)| v.elem_count()).sum();
     let schedule = NoiseSchedule::new(config.schedule, config.diffusion_steps)?;
@@ -63,12 +68,12 @@ pub fn bench(
     let ids: Vec<u32> = (0..batch * l)
         .map(|_| rng.random_range(0..config.vocab_size as u32))
         .collect();
-    let ids = Tensor::from_vec(ids, (batch, l), &device)?;
+    let ids = Tensor::from_vec(ids, (batch, l), device)?;
     let t: Vec<usize> = (0..batch)
         .map(|_| rng.random_range(0..schedule.len()))
         .collect();
     let mut rngs: Vec<StdRng> = (0..batch).map(|i| sequence_rng(1, i)).collect();
-    let train_step_ms = time_ms(reps, || {
+    let train_step_ms = time_ms(device, reps, || {
         let out = step_gradients(
             &model,
             &schedule,
@@ -77,19 +82,20 @@ pub fn bench(
             &t,
             &mut rngs,
             config.self_condition,
-            threads,
+            shards(device),
         )?;
         opt.step(&out.grads, 1e-4, 1.0)
     })?;
 
     let sampler = Sampler::new(&model, 200, SamplerKind::Ddpm, true)?;
-    let x = Tensor::randn(0f32, 1.0, (batch, l, config.embed_dim), &device)?;
+    let x = Tensor::randn(0f32, 1.0, (batch, l, config.embed_dim), device)?;
     let index = vec![100; batch];
-    let sample_step_ms = time_ms(reps * 2, || {
+    let sample_step_ms = time_ms(device, reps * 2, || {
         sampler.step(&x, &index, &x, Some(&x)).map(|_| ())
     })?;
     Ok(BenchRow {
         model: name.to_string(),
+        device: device_name(device),
         params,
         threads,
         batch,
@@ -102,14 +108,15 @@ pub fn bench(
 /// A Markdown table of rows, with sentences/s for a 200-step sampling run.
 pub fn table(rows: &[BenchRow]) -> String {
     let mut s = String::from(
-        "| model | params | threads | B | L | train step (ms) | sampling step (ms) | 200-step sentences/s |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| model | params | device | threads | B | L | train step (ms) | sampling step (ms) | 200-step sentences/s |\n\
+         |---|---:|---|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         s.push_str(&format!(
-            "| {} | {:.2} M | {} | {} | {} | {:.1} | {:.2} | {:.2} |\n",
+            "| {} | {:.2} M | {} | {} | {} | {} | {:.1} | {:.2} | {:.2} |\n",
             r.model,
             r.params as f64 / 1e6,
+            r.device,
             r.threads,
             r.batch,
             r.seq_len,

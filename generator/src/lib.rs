@@ -5,8 +5,10 @@
 //! - [`text`]: word-level tokenizer (Hugging Face `tokenizer.json`) and the E2E corpus reader.
 //! - [`train`]: end-to-end loss, optimizer, EMA, checkpoints, progress, loss plot.
 //! - [`eval`]: fluency measure (word 4-gram Kneser-Ney language model).
+//! - [`device`]: `--device auto|cpu|cuda:N` (CUDA only with the `cuda` feature).
 
 pub mod bench;
+pub mod device;
 pub mod diffusion;
 pub mod engine;
 pub mod error;

@@ -7,6 +7,7 @@ use anyhow::Context;
 use candle_core::Device;
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
+use dlm_generator::device::DeviceChoice;
 use dlm_generator::diffusion::{Sampler, SamplerKind, ScheduleKind};
 use dlm_generator::eval::report::FluencyReport;
 use dlm_generator::model::{LoadedModel, ModelConfig};
@@ -25,6 +26,10 @@ struct Cli {
     /// Log format on stderr.
     #[arg(long, env = "DLM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
+    /// Where the model runs: auto (GPU 0 if this binary has CUDA and a GPU answers, else the CPU),
+    /// cpu, or cuda:N.
+    #[arg(long, env = "DLM_DEVICE", default_value = "auto", global = true)]
+    device: DeviceChoice,
     #[command(subcommand)]
     command: Command,
 }
@@ -53,6 +58,26 @@ enum Command {
     /// Measure control through a running generator: (field, value) targets from E2E test MRs,
     /// guided and unguided on the same seeds; success per field and fluency (table on stdout).
     EvalControl(EvalControlArgs),
+    /// Compare this device's denoiser outputs and samples with a CPU reference (`--write` makes
+    /// one); exits non-zero past the tolerance. The GPU check (deploy/gpu/check.sh) runs it.
+    DeviceParity(DeviceParityArgs),
+}
+
+#[derive(Args)]
+struct DeviceParityArgs {
+    #[arg(long, env = "DLM_MODEL", default_value = "models/e2e-small")]
+    model: PathBuf,
+    /// The reference file (JSON).
+    #[arg(long, env = "DLM_REFERENCE")]
+    reference: PathBuf,
+    /// Write the reference from this device instead of comparing against it.
+    #[arg(long, env = "DLM_WRITE")]
+    write: bool,
+    /// Sentences sampled for the text comparison.
+    #[arg(long, env = "DLM_N", default_value_t = 16)]
+    n: usize,
+    #[arg(long, env = "DLM_SAMPLE_STEPS", default_value_t = 200)]
+    steps: usize,
 }
 
 #[derive(Args)]
@@ -111,6 +136,9 @@ struct ServeArgs {
     /// Deadline of one guide call, in ms.
     #[arg(long, env = "DLM_GUIDE_TIMEOUT_MS", default_value_t = 5000)]
     guide_timeout_ms: u64,
+    /// At start-up, how long to keep trying a guide that cannot be reached yet, in s.
+    #[arg(long, env = "DLM_GUIDE_WAIT_S", default_value_t = 60)]
+    guide_wait_s: u64,
 }
 
 #[derive(Args)]
@@ -298,7 +326,7 @@ fn main() {
     dlm_generator::runtime::set_threads(cli.threads);
     dlm_generator::runtime::tune_allocator();
     init_logging(cli.log_format);
-    if let Err(err) = run(cli.command) {
+    if let Err(err) = run(cli.command, cli.device) {
         eprintln!("error: {err:#}");
         std::process::exit(1);
     }
@@ -316,19 +344,25 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn run(command: Command) -> anyhow::Result<()> {
+fn run(command: Command, device: DeviceChoice) -> anyhow::Result<()> {
+    let open = || -> anyhow::Result<Device> {
+        let opened = device.open()?;
+        tracing::info!(device = %dlm_generator::device::name(&opened), "model device");
+        Ok(opened)
+    };
     match command {
-        Command::Train(args) => train(args),
-        Command::Sample(args) => sample(args),
+        Command::Train(args) => train(args, &open()?),
+        Command::Sample(args) => sample(args, &open()?),
         Command::EvalFluency(args) => eval_fluency(args),
-        Command::Bench(args) => bench(args),
-        Command::Serve(args) => serve(args),
+        Command::Bench(args) => bench(args, device),
+        Command::Serve(args) => serve(args, &open()?),
         Command::Generate(args) => generate(args),
         Command::EvalControl(args) => eval_control(args),
+        Command::DeviceParity(args) => device_parity(args, &open()?),
     }
 }
 
-fn train(args: TrainArgs) -> anyhow::Result<()> {
+fn train(args: TrainArgs, device: &Device) -> anyhow::Result<()> {
     let m = args.model;
     let config = TrainConfig {
         model: ModelConfig {
@@ -363,9 +397,9 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         checkpoint_every: args.checkpoint_every,
         show_progress: !args.no_progress,
         stop_at: args.stop_at,
-        shards: dlm_generator::runtime::threads(),
+        shards: dlm_generator::device::shards(device),
     };
-    let summary = trainer.run(&texts, args.resume, &Device::Cpu)?;
+    let summary = trainer.run(&texts, args.resume, device)?;
     tracing::info!(
         step = summary.step,
         first_loss = summary.first_loss,
@@ -378,8 +412,8 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn sample(args: SampleArgs) -> anyhow::Result<()> {
-    let loaded = LoadedModel::load(&args.model, &Device::Cpu)
+fn sample(args: SampleArgs, device: &Device) -> anyhow::Result<()> {
+    let loaded = LoadedModel::load(&args.model, device)
         .with_context(|| format!("loading model from {}", args.model.display()))?;
     let seed = args.seed.unwrap_or_else(rand::random);
     tracing::info!(seed, n = args.n, steps = args.steps, "sampling");
@@ -413,7 +447,7 @@ fn sample(args: SampleArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bench(args: BenchArgs) -> anyhow::Result<()> {
+fn bench(args: BenchArgs, device: DeviceChoice) -> anyhow::Result<()> {
     use dlm_generator::bench::{bench, table, BenchRow};
     let shipped = ModelConfig::load(&args.model.join("config.json"))?;
     let reference = ModelConfig {
@@ -427,7 +461,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         configs.push(("H128-L4".to_string(), reference));
     }
     if args.child {
-        let threads = dlm_generator::runtime::threads();
+        let device = device.open()?;
         for (name, cfg) in &configs {
             for &b in &args.batches {
                 let row = bench(
@@ -437,7 +471,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
                         ..cfg.clone()
                     },
                     b,
-                    threads,
+                    &device,
                     args.reps,
                 )?;
                 println!("{}", serde_json::to_string(&row)?);
@@ -460,6 +494,8 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
             .args([
                 "--threads",
                 &threads.to_string(),
+                "--device",
+                &device.to_string(),
                 "bench",
                 "--child",
                 "--batches",
@@ -480,6 +516,35 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     progress.finish_and_clear();
     print!("{}", table(&rows));
+    Ok(())
+}
+
+fn device_parity(args: DeviceParityArgs, device: &Device) -> anyhow::Result<()> {
+    use dlm_generator::eval::device_parity::Reference;
+    let loaded = LoadedModel::load(&args.model, device)
+        .with_context(|| format!("loading model from {}", args.model.display()))?;
+    if args.write {
+        let reference = Reference::compute(&loaded, args.n, args.steps)?;
+        std::fs::write(&args.reference, serde_json::to_vec(&reference)?)
+            .with_context(|| format!("writing {}", args.reference.display()))?;
+        tracing::info!(path = %args.reference.display(), device = %reference.device, "reference written");
+        return Ok(());
+    }
+    let reference: Reference = serde_json::from_slice(
+        &std::fs::read(&args.reference)
+            .with_context(|| format!("reading {}", args.reference.display()))?,
+    )
+    .with_context(|| format!("parsing {}", args.reference.display()))?;
+    let here = Reference::compute(&loaded, reference.texts.len(), reference.sample_steps)?;
+    let report = here.compare(&reference)?;
+    print!("{}", report.table());
+    anyhow::ensure!(
+        report.passed(),
+        "{} differs from the CPU reference: relative L2 {:.2e} > {:.0e}",
+        report.device,
+        report.rel_l2,
+        dlm_generator::eval::device_parity::TOLERANCE
+    );
     Ok(())
 }
 
@@ -509,11 +574,11 @@ fn eval_fluency(args: EvalArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn serve(args: ServeArgs) -> anyhow::Result<()> {
+fn serve(args: ServeArgs, device: &Device) -> anyhow::Result<()> {
     use dlm_generator::guidance::{client::ModelSignature, GuideRegistry};
     use std::sync::Arc;
     let loaded = Arc::new(
-        LoadedModel::load(&args.model, &Device::Cpu)
+        LoadedModel::load(&args.model, device)
             .with_context(|| format!("loading model from {}", args.model.display()))?,
     );
     let cfg = loaded.model.config.clone();
@@ -544,7 +609,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 ),
                 None => (url, None),
             };
-            registry.register(name, url, card.as_deref()).await?;
+            let wait = std::time::Duration::from_secs(args.guide_wait_s);
+            registry
+                .register_waiting(name, url, card.as_deref(), wait)
+                .await?;
         }
         if args.metrics_port != 0 {
             metrics_exporter_prometheus::PrometheusBuilder::new()

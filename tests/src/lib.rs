@@ -76,7 +76,12 @@ pub struct GuideServer {
 impl GuideServer {
     /// Starts the guide on `repository` and waits until it reports ready.
     pub async fn start(repository: &Path, extra: &[&str]) -> Self {
-        let (port, metrics_port) = (free_port(), free_port());
+        Self::start_on(free_port(), repository, extra).await
+    }
+
+    /// [`start`](Self::start) on a given port.
+    pub async fn start_on(port: u16, repository: &Path, extra: &[&str]) -> Self {
+        let metrics_port = free_port();
         let child = Command::new(binary("dlm-guide"))
             .args(["serve", "--model-repository"])
             .arg(repository)

@@ -208,3 +208,46 @@ fn dlm_generator_refs() -> Vec<String> {
     refs.truncate(200);
     refs
 }
+
+/// The device-selection path: on a machine without a GPU, `auto` must compute exactly what `cpu`
+/// computes (the CPU equivalence the GPU check relies on), a reference for another model is refused,
+/// and `cuda:N` in a CPU build says which feature is missing.
+#[test]
+fn device_auto_matches_the_cpu_reference_and_cuda_needs_the_feature() {
+    let dir = tempfile::tempdir().unwrap();
+    let reference = dir.path().join("reference.json");
+    let reference = reference.to_str().unwrap();
+    let args = ["device-parity", "--model", MODEL, "--reference", reference];
+    let write = [
+        &["--device", "cpu"][..],
+        &args,
+        &["--write", "--n", "3", "--steps", "20"],
+    ]
+    .concat();
+    let out = run("dlm-generator", &write);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run(
+        "dlm-generator",
+        &[&["--device", "auto"][..], &args].concat(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = stdout(&out);
+    assert!(
+        table.contains("| denoiser x0, max abs diff | 0.00e0 |"),
+        "{table}"
+    );
+    assert!(
+        table.contains("| sampled texts identical | 3/3 |"),
+        "{table}"
+    );
+
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(reference).unwrap()).unwrap();
+    json["embedding_sha256"] = "0123456789abcdef".into();
+    std::fs::write(reference, json.to_string()).unwrap();
+    fails_with(&args, &["`reference`", "another model"]);
+    fails_with(
+        &["--device", "cuda:0", "sample", "--model", MODEL, "--n", "1"],
+        &["`device`", "`cuda` feature"],
+    );
+}

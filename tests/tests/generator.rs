@@ -342,3 +342,55 @@ async fn stream_reports_progress_then_the_result() {
     assert!(progress >= 2, "{progress} progress events");
     assert_eq!(result.expect("a result").samples.len(), 2);
 }
+
+/// In a cluster the generator may start before its guide: it keeps trying for --guide-wait-s, then
+/// serves guided requests; with nobody answering in that time it stops with an error naming the guide.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_generator_waits_for_a_guide_that_starts_later() {
+    let port = dlm_tests::free_port();
+    let url = format!("{GUIDE}=http://127.0.0.1:{port}");
+    let out = run(
+        "dlm-generator",
+        &[
+            "serve",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--guide",
+            &url,
+            "--guide-wait-s",
+            "1",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("guide `{GUIDE}`")), "{stderr}");
+    assert!(
+        stderr.contains("not reachable yet"),
+        "no retry was logged: {stderr}"
+    );
+
+    let args = ["--guide".into(), url, "--guide-wait-s".into(), "60".into()];
+    let generator = tokio::spawn(async move { GeneratorServer::start(&args).await });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !generator.is_finished(),
+        "the generator was healthy before its guide existed"
+    );
+    let _guide = GuideServer::start_on(
+        port,
+        &repo_root().join("models/guides"),
+        &["--poll-ms", "0"],
+    )
+    .await;
+    let generator = generator.await.unwrap();
+    let resp = generator
+        .client()
+        .await
+        .generate(request(1, 20, 1, &["area=riverside"]))
+        .await
+        .expect("a guided request once the guide is up")
+        .into_inner();
+    assert_eq!(resp.samples[0].scores.len(), 1);
+}

@@ -105,11 +105,7 @@ fn predict_x0(
     previous: Option<&Tensor>,
     any_clamp: bool,
 ) -> Result<(Tensor, Tensor)> {
-    let shards = if x_t.device().is_cpu() {
-        crate::runtime::threads()
-    } else {
-        1
-    };
+    let shards = crate::device::shards(x_t.device());
     let parts = run_sharded(split(t.dim(0)?, shards), |(start, len)| {
         let previous = previous.map(|p| p.narrow(0, start, len)).transpose()?;
         let raw = model.predict_x0(
@@ -286,6 +282,7 @@ impl<'a> Sampler<'a> {
                 let out = self.step(&x, &vec![i; count], &noise, previous.as_ref())?;
                 x = out.x_prev;
                 previous = Some(out.x0);
+                crate::device::synchronize(device)?; // a GPU queues kernels: time what ran
                 step_ms.push(step_start.elapsed().as_secs_f64() * 1e3);
             }
             // At i = 0 both samplers return the x0 prediction itself (ᾱ_prev = 1): round it.

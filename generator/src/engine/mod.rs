@@ -587,6 +587,68 @@ impl Engine {
         Ok(())
     }
 
+    /// Each finished row's final log p(c | x0) per control (in control order; None where its guide
+    /// failed, which does not fail the request): one call per guide for all rows, at t = 0.
+    fn final_scores(
+        &self,
+        rows: &[usize],
+        x_final: &Tensor,
+        per: usize,
+    ) -> Result<Vec<Vec<Option<(String, f32)>>>> {
+        let cfg = &self.model.model.config;
+        let mut scores: Vec<Vec<Option<(String, f32)>>> = Vec::with_capacity(rows.len());
+        // (guide, [(row position, control index, targets)])
+        let mut by_guide: Vec<(Arc<RegisteredGuide>, Vec<(usize, usize, &[i64])>)> = Vec::new();
+        for (j, &b) in rows.iter().enumerate() {
+            let controls = self.running[self.seqs[b].run]
+                .as_ref()
+                .map_or(&[][..], |r| &r.job.controls[..]);
+            scores.push(vec![None; controls.len()]);
+            for (k, c) in controls.iter().enumerate() {
+                let entry = (j, k, &c.targets[..]);
+                match by_guide.iter_mut().find(|(g, _)| Arc::ptr_eq(g, &c.guide)) {
+                    Some((_, entries)) => entries.push(entry),
+                    None => by_guide.push((Arc::clone(&c.guide), vec![entry])),
+                }
+            }
+        }
+        if by_guide.is_empty() {
+            return Ok(scores);
+        }
+        let latents = x_final.flatten_all()?.to_vec1::<f32>()?;
+        let calls: Vec<_> = by_guide
+            .iter()
+            .map(|(g, entries)| {
+                let mut lat = Vec::with_capacity(entries.len() * per);
+                let mut targets = Vec::new();
+                for &(j, _, tg) in entries {
+                    let b = rows[j];
+                    lat.extend_from_slice(&latents[b * per..(b + 1) * per]);
+                    targets.extend_from_slice(tg);
+                }
+                let (client, fields, n) = (g.client.clone(), g.fields.len(), entries.len());
+                let dims = (n, cfg.seq_len, cfg.embed_dim);
+                self.rt.spawn(async move {
+                    client
+                        .gradient(&lat, dims, &vec![0; n], &targets, fields)
+                        .await
+                })
+            })
+            .collect();
+        for ((g, entries), call) in by_guide.iter().zip(calls) {
+            match self.rt.block_on(call) {
+                Ok(Ok((log_p, _))) => {
+                    for (&(j, k, _), lp) in entries.iter().zip(log_p) {
+                        scores[j][k] = Some((g.name.clone(), lp));
+                    }
+                }
+                Ok(Err(e)) => tracing::warn!(guide = %g.name, error = %e, "final scoring failed"),
+                Err(e) => tracing::warn!(guide = %g.name, error = %e, "final scoring task failed"),
+            }
+        }
+        Ok(scores)
+    }
+
     /// Rounds final latents [1, L, D] to words. Fixed positions keep their word; when the request
     /// fixed the length (an END somewhere), the positions before it take the best real word, so that
     /// an exact-length request always gets exactly that many words.
@@ -613,32 +675,20 @@ impl Engine {
             .collect())
     }
 
+    /// Rounds the rows that reached step 0, scores them, and answers the requests now complete.
     fn finish(&mut self, rows: &[usize], x_final: &Tensor) -> Result<()> {
         let tok = &self.model.tokenizer;
         let cfg = &self.model.model.config;
         let (l, d) = (cfg.seq_len, cfg.embed_dim);
-        for &b in rows {
+        let per = l * d;
+        let scores = self.final_scores(rows, x_final, per)?;
+        for (&b, scores) in rows.iter().zip(scores) {
             let s = &self.seqs[b];
-            let run = s.run;
-            let slot = s.slot;
-            let row = x_final.narrow(0, b, 1)?;
+            let (run, slot) = (s.run, s.slot);
             let Some(r) = self.running[run].as_ref() else {
                 continue;
             };
-            let ids = self.round(&row, &r.job.fixed)?;
-            // Final scores: each control's guide on the finished latents at t = 0.
-            let mut scores = Vec::new();
-            let latents = row.flatten_all()?.to_vec1::<f32>()?;
-            for c in &r.job.controls {
-                let client = c.guide.client.clone();
-                let (lat, tg, f) = (latents.clone(), c.targets.clone(), c.guide.fields.len());
-                let out = self
-                    .rt
-                    .block_on(async move { client.gradient(&lat, (1, l, d), &[0], &tg, f).await });
-                if let Ok((lp, _)) = out {
-                    scores.push((c.guide.name.clone(), lp[0]));
-                }
-            }
+            let ids = self.round(&x_final.narrow(0, b, 1)?, &r.job.fixed)?;
             let tokens: Vec<String> = tok
                 .visible(&ids)
                 .map(|id| tok.id_to_token(id).unwrap_or_default())
@@ -649,7 +699,7 @@ impl Engine {
                     ids,
                     text,
                     tokens,
-                    scores,
+                    scores: scores.into_iter().flatten().collect(),
                 });
             }
         }

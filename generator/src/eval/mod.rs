@@ -1,6 +1,7 @@
 //! Evaluation of generated text.
 
 pub mod control;
+pub mod device_parity;
 pub mod fluency;
 pub mod report;
 

@@ -313,6 +313,33 @@ impl GuideRegistry {
         }
     }
 
+    /// [`register`](Self::register), retried while the guide cannot be reached (in a cluster it may
+    /// start after the generator), for up to `wait`. A refusal (another embedding, a bad card) is
+    /// final at once.
+    pub async fn register_waiting(
+        &self,
+        name: &str,
+        url: &str,
+        card_json: Option<&str>,
+        wait: Duration,
+    ) -> Result<Arc<RegisteredGuide>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            match self.register(name, url, card_json).await {
+                Err(Error::Unavailable(message))
+                    if tokio::time::Instant::now() + backoff < deadline =>
+                {
+                    tracing::info!(guide = name, %message, retry_in_ms = backoff.as_millis() as u64,
+                        "guide not reachable yet");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                done => return done,
+            }
+        }
+    }
+
     /// Connects to a guide (`url` = http://host:port[/model], model defaulting to `name`), reads its
     /// card — from the guide's `dlm.v1.GuideCards` service, or from `card_json` (the `card.json`
     /// written beside the model) for a model hosted on another OIP server — and refuses it unless it

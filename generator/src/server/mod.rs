@@ -314,6 +314,7 @@ impl Generator for GeneratorService {
                 .model
                 .embedding_sha256()
                 .map_err(|e| Status::internal(e.to_string()))?,
+            device: crate::device::name(self.model.model.device()),
         };
         let guides = self
             .guides
