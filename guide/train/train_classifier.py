@@ -172,6 +172,9 @@ def main() -> int:
     ap.add_argument("--hidden", type=int, default=int(env("DLM_HIDDEN", "128")), help="[DLM_HIDDEN]")
     ap.add_argument("--layers", type=int, default=int(env("DLM_LAYERS", "2")), help="[DLM_LAYERS]")
     ap.add_argument("--heads", type=int, default=int(env("DLM_HEADS", "4")), help="[DLM_HEADS]")
+    ap.add_argument("--t-power", type=float, default=float(env("DLM_T_POWER", "2.0")),
+                    help="timesteps drawn as T·u^p, u uniform: p > 1 spends more of training at low noise, "
+                         "where guidance decides the words (p = 1: uniform) [DLM_T_POWER]")
     ap.add_argument("--opset", type=int, default=int(env("DLM_OPSET", "21")), help="ONNX opset [DLM_OPSET]")
     ap.add_argument("--seed", type=int, default=int(env("DLM_SEED", "0")), help="[DLM_SEED]")
     args = ap.parse_args()
@@ -224,7 +227,8 @@ def main() -> int:
     @jax.jit
     def train_step(p, m, v, i, x, t, y):
         loss, g = jax.value_and_grad(loss_fn)(p, x, t, y)
-        lr = args.lr * jnp.minimum(1.0, (i + 1) / 200.0)
+        # Warm-up over 200 steps, then linear decay to zero at the last step.
+        lr = args.lr * jnp.minimum(1.0, (i + 1) / 200.0) * (1.0 - i / args.steps)
         m = jax.tree.map(lambda a, b: 0.9 * a + 0.1 * b, m, g)
         v = jax.tree.map(lambda a, b: 0.999 * a + 0.001 * b * b, v, g)
         bc1, bc2 = 1 - 0.9 ** (i + 1), 1 - 0.999 ** (i + 1)
@@ -236,7 +240,7 @@ def main() -> int:
     started = time.time()
     for i in range(args.steps):
         idx = rng.integers(0, len(train_ids), args.batch_size)
-        t = rng.integers(0, steps_t, args.batch_size)
+        t = np.minimum((steps_t * rng.random(args.batch_size) ** args.t_power).astype(np.int64), steps_t - 1)
         params, m, v, loss = train_step(params, m, v, i, noisy(train_ids[idx], t), t.astype(np.int32), train_y[idx])
         if (i + 1) % 100 == 0 or i + 1 == args.steps:
             rate = (i + 1) / (time.time() - started)

@@ -394,3 +394,85 @@ async fn the_generator_waits_for_a_guide_that_starts_later() {
         .into_inner();
     assert_eq!(resp.samples[0].scores.len(), 1);
 }
+
+/// Successful ModelInfer calls a guide has answered, from its Prometheus metrics.
+fn answered(guide: &GuideServer) -> f64 {
+    guide
+        .metrics()
+        .lines()
+        .filter(|l| l.starts_with("dlm_guide_requests_total{") && l.contains("outcome=\"ok\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Replicas behind one name (a headless Service): the guide channel spreads calls over every address
+/// the name resolves to, takes in a replica that appears and lets go of one that leaves. The
+/// resolver is the one stand-in (loopback has one address per name); the guides are real.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guide_calls_follow_the_replicas_a_name_resolves_to() {
+    use dlm_generator::guidance::client::{balanced_channel, GuideClient};
+    use std::collections::BTreeSet;
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex};
+    let repository = repo_root().join("models/guides");
+    let a = GuideServer::start(&repository, &["--poll-ms", "0"]).await;
+    let b = GuideServer::start(&repository, &["--poll-ms", "0"]).await;
+    let addr = |g: &GuideServer| SocketAddr::from(([127, 0, 0, 1], g.port));
+    let replicas = Arc::new(Mutex::new(BTreeSet::from([addr(&a)])));
+    let answer = Arc::clone(&replicas);
+    let resolve = move || {
+        let set = answer.lock().unwrap().clone();
+        async move { set }
+    };
+    let every = Duration::from_millis(100);
+    let channel = balanced_channel(GUIDE, "http://guides.example:8001", every, resolve)
+        .await
+        .unwrap();
+    let client = GuideClient::new(
+        "http://guides.example:8001",
+        GUIDE,
+        channel,
+        Duration::from_secs(5),
+    );
+    let card: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repository.join(GUIDE).join("1/card.json")).unwrap(),
+    )
+    .unwrap();
+    let fields = card["fields"].as_array().unwrap().len();
+    let (l, d) = (
+        card["seq_len"].as_u64().unwrap() as usize,
+        card["embed_dim"].as_u64().unwrap() as usize,
+    );
+    let calls = |n: usize| {
+        let client = client.clone();
+        async move {
+            for _ in 0..n {
+                client
+                    .gradient(
+                        &vec![0.0; l * d],
+                        (1, l, d),
+                        &[0],
+                        &vec![-1; fields],
+                        fields,
+                    )
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    calls(10).await;
+    assert_eq!((answered(&a), answered(&b)), (10.0, 0.0));
+
+    replicas.lock().unwrap().insert(addr(&b));
+    tokio::time::sleep(4 * every).await;
+    calls(40).await;
+    let (on_a, on_b) = (answered(&a), answered(&b));
+    assert_eq!(on_a + on_b, 50.0);
+    assert!(on_b >= 5.0, "a new replica got {on_b} of 40 calls");
+
+    replicas.lock().unwrap().remove(&addr(&a));
+    tokio::time::sleep(4 * every).await;
+    calls(10).await;
+    assert_eq!(answered(&a), on_a, "a replica that left still got calls");
+    assert_eq!(answered(&b), on_b + 10.0);
+}

@@ -36,6 +36,18 @@ pub struct GuideClient {
 const MAX_MESSAGE: usize = 64 << 20;
 
 impl GuideClient {
+    /// A client for `model` over `channel` (see [`balanced_channel`]), with a per-call deadline and
+    /// two retries on UNAVAILABLE.
+    pub fn new(url: &str, model: &str, channel: Channel, timeout: Duration) -> Self {
+        Self {
+            url: url.to_string(),
+            model: model.to_string(),
+            channel,
+            timeout,
+            retries: 2,
+        }
+    }
+
     fn infer_client(&self) -> GrpcInferenceServiceClient<Channel> {
         GrpcInferenceServiceClient::new(self.channel.clone())
             .max_decoding_message_size(MAX_MESSAGE)
@@ -228,8 +240,7 @@ fn card_from_json(json: &str) -> std::result::Result<dlm_proto::dlm::v1::GuideCa
 /// How often a guide's host name is resolved again (replicas come and go behind a headless Service).
 const RESOLVE_EVERY: Duration = Duration::from_secs(10);
 
-/// One channel balanced over every address the guide's host resolves to, kept in step with DNS by
-/// a background task (which ends when the channel is dropped).
+/// One channel balanced over every address the guide's host resolves to, kept in step with DNS.
 async fn resolving_channel(name: &str, base: &str, every: Duration) -> Result<Channel> {
     let uri: tonic::codegen::http::Uri = base
         .parse()
@@ -249,6 +260,22 @@ async fn resolving_channel(name: &str, base: &str, every: Duration) -> Result<Ch
                 .unwrap_or_default()
         }
     };
+    balanced_channel(name, base, every, resolve).await
+}
+
+/// One channel balanced over the addresses `resolve` returns, asked again every `every` by a
+/// background task (which ends when the channel is dropped): replicas that appear get calls,
+/// replicas that go are dropped, and a failed lookup (empty answer) keeps the last known set.
+pub async fn balanced_channel<R, F>(
+    name: &str,
+    base: &str,
+    every: Duration,
+    resolve: R,
+) -> Result<Channel>
+where
+    R: Fn() -> F + Send + 'static,
+    F: std::future::Future<Output = std::collections::BTreeSet<std::net::SocketAddr>> + Send,
+{
     let endpoint = |addr: std::net::SocketAddr| {
         Endpoint::from_shared(format!("http://{addr}"))
             .map(|e| e.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true))
@@ -404,13 +431,7 @@ impl GuideRegistry {
         }
         let guide = Arc::new(RegisteredGuide {
             name: name.to_string(),
-            client: GuideClient {
-                url: base,
-                model,
-                channel,
-                timeout: self.timeout,
-                retries: 2,
-            },
+            client: GuideClient::new(&base, &model, channel, self.timeout),
             fields: card
                 .fields
                 .into_iter()
