@@ -250,7 +250,7 @@ def main() -> int:
 
     # Dev accuracy per field and per timestep range.
     predict = jax.jit(lambda x, t: logits_fn(params, x, t, heads))
-    bins = [(0, steps_t // 4), (steps_t // 4, steps_t // 2), (steps_t // 2, 3 * steps_t // 4), (3 * steps_t // 4, steps_t)]
+    bins = [(0, steps_t // 20), (0, steps_t // 4), (steps_t // 4, steps_t // 2), (steps_t // 2, 3 * steps_t // 4), (3 * steps_t // 4, steps_t)]
     accuracy = {}
     for lo, hi in bins:
         correct = np.zeros(len(FIELDS))
