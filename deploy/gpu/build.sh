@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds, on this CPU-only machine, what the GPU device check needs, into target/gpu/:
-#   dlm-generator   the release binary with the `cuda` feature, against CUDA 13.0 from PyPI wheels
-#                   (it needs libcuda.so.1 and the CUDA 13 libraries to start: run it on a GPU machine)
-#   reference.json  denoiser outputs and samples of models/e2e-small computed here on the CPU
+#   dlm-generator.gz  the release binary with the `cuda` feature, against CUDA 13.0 from PyPI wheels,
+#                     stripped and gzipped (17 MB; the device tool carries at most 64 MiB). It needs
+#                     libcuda.so.1 and the CUDA 13 libraries to start: run it on a GPU machine.
+#   reference.json    denoiser outputs and samples of models/e2e-small computed here on the CPU
 # Then, with a GPU lent: deploy/gpu/check.sh there (see that file).
 # Usage: deploy/gpu/build.sh            (about 5 min clean on 2 cores, plus the wheel download once)
 set -euo pipefail
@@ -50,11 +51,21 @@ export LIBRARY_PATH=$ROOT/lib64:$ROOT/lib64/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}
 export CUDA_COMPUTE_CAP=90          # H100 and H200
 export CUDARC_CUDA_VERSION=13000
 cargo build --release -p dlm-generator --features cuda --target-dir target/cuda
-cp target/cuda/release/dlm-generator "$OUT/dlm-generator"
+strip -o "$OUT/dlm-generator" target/cuda/release/dlm-generator
+gzip -9 -f "$OUT/dlm-generator"
 
 # The CPU reference comes from the default (CPU-only) build of the same source.
 cargo build --release -p dlm-generator
 target/release/dlm-generator --device cpu device-parity --model models/e2e-small \
     --reference "$OUT/reference.json" --write
-ls -l "$OUT/dlm-generator" "$OUT/reference.json"
+
+# Smoke test of the cuda binary here: with the stub as libcuda.so.1 it starts, finds no GPU (`auto`
+# falls back to the CPU) and must reproduce the CPU build's reference exactly.
+SMOKE=$(mktemp -d)
+trap 'rm -rf "$SMOKE"' EXIT
+gunzip -c "$OUT/dlm-generator.gz" > "$SMOKE/dlm-generator" && chmod +x "$SMOKE/dlm-generator"
+ln -s "$ROOT/lib64/stubs/libcuda.so" "$SMOKE/libcuda.so.1"
+LD_LIBRARY_PATH=$SMOKE:$ROOT/lib64 "$SMOKE/dlm-generator" --device auto device-parity \
+    --model models/e2e-small --reference "$OUT/reference.json"
+ls -l "$OUT/dlm-generator.gz" "$OUT/reference.json"
 echo "built: $OUT (carry it to the GPU machine and run deploy/gpu/check.sh there)"

@@ -7,15 +7,16 @@
 # Everything printed also lands in $OUT/gpu.md. Steps run on even if one fails; the exit code says.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-BIN=target/gpu/dlm-generator
 OUT=${OUT:-/tmp/dlm-gpu-check}
 mkdir -p "$OUT"
+BIN=$(mktemp -d)/dlm-generator
 REPORT=$OUT/gpu.md
 : > "$REPORT"
 say() { echo "$@" | tee -a "$REPORT"; }
 status=0
 
-[ -x "$BIN" ] || { say "missing $BIN: run deploy/gpu/build.sh here first and carry target/gpu"; exit 2; }
+gunzip -c target/gpu/dlm-generator.gz > "$BIN" && chmod +x "$BIN" ||
+    { say "missing target/gpu/dlm-generator.gz: run deploy/gpu/build.sh first and carry target/gpu"; exit 2; }
 say "## GPU check — $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 say ""
 say '```'
@@ -24,7 +25,7 @@ say '```'
 
 # Directories holding each library the binary needs; the driver's libcuda.so.1 is already known to ld.so.
 lib_dirs=()
-for lib in libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 libcudart.so.13; do
+for lib in libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcudart.so.13; do
     path=$(ldconfig -p 2>/dev/null | awk -v l="$lib" '$1 == l { print $NF; exit }')
     if [ -z "$path" ]; then
         roots=(/usr/local/cuda /usr/lib /usr/local/lib /opt /root /home)

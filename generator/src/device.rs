@@ -65,7 +65,8 @@ impl DeviceChoice {
             Self::Auto => match Device::new_cuda(0) {
                 Ok(device) => Ok(device),
                 Err(err) => {
-                    tracing::warn!(%err, "no usable GPU: running on the CPU");
+                    let err = first_line(&err);
+                    tracing::warn!(err, "no usable GPU: running on the CPU");
                     Ok(Device::Cpu)
                 }
             },
@@ -77,10 +78,20 @@ impl DeviceChoice {
                 ),
             )),
             Self::Cuda(n) => Device::new_cuda(n).map_err(|err| {
+                let err = first_line(&err);
                 Error::invalid("device", format!("cuda:{n} cannot be opened: {err}"))
             }),
         }
     }
+}
+
+/// candle's CUDA errors carry a backtrace after the message: keep the message.
+fn first_line(err: &candle_core::Error) -> String {
+    err.to_string()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// A short name for logs, metrics and reports: `cpu` or `cuda:N`.
