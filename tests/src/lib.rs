@@ -74,13 +74,27 @@ pub struct GuideServer {
 }
 
 impl GuideServer {
-    /// Starts the guide on `repository` and waits until it reports ready.
+    /// Starts the guide on `repository` and waits until it reports ready. A port found free can be
+    /// taken by another test before the guide binds it: then it tries again on fresh ports.
     pub async fn start(repository: &Path, extra: &[&str]) -> Self {
-        Self::start_on(free_port(), repository, extra).await
+        let mut last = String::new();
+        for _ in 0..3 {
+            match Self::try_start_on(free_port(), repository, extra).await {
+                Ok(server) => return server,
+                Err(e) => last = e,
+            }
+        }
+        panic!("{last}")
     }
 
     /// [`start`](Self::start) on a given port.
     pub async fn start_on(port: u16, repository: &Path, extra: &[&str]) -> Self {
+        Self::try_start_on(port, repository, extra)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    async fn try_start_on(port: u16, repository: &Path, extra: &[&str]) -> Result<Self, String> {
         let metrics_port = free_port();
         let child = Command::new(binary("dlm-guide"))
             .args(["serve", "--model-repository"])
@@ -97,7 +111,7 @@ impl GuideServer {
             .stderr(std::process::Stdio::inherit())
             .spawn()
             .expect("dlm-guide starts");
-        let server = Self {
+        let mut server = Self {
             port,
             metrics_port,
             child,
@@ -110,14 +124,16 @@ impl GuideServer {
                     .await
                 {
                     if r.into_inner().ready {
-                        return server;
+                        return Ok(server);
                     }
                 }
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "dlm-guide did not become ready"
-            );
+            if let Ok(Some(status)) = server.child.try_wait() {
+                return Err(format!("dlm-guide exited at start-up: {status}"));
+            }
+            if std::time::Instant::now() > deadline {
+                return Err("dlm-guide did not become ready".into());
+            }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
     }
@@ -167,8 +183,20 @@ pub struct GeneratorServer {
 }
 
 impl GeneratorServer {
-    /// Starts the generator with `args` (model, guides, limits) and waits until it is SERVING.
+    /// Starts the generator with `args` (model, guides, limits) and waits until it is SERVING,
+    /// trying again on fresh ports if it exits at start-up (a port found free can be taken first).
     pub async fn start(args: &[String]) -> Self {
+        let mut last = String::new();
+        for _ in 0..3 {
+            match Self::try_start(args).await {
+                Ok(server) => return server,
+                Err(e) => last = e,
+            }
+        }
+        panic!("{last}")
+    }
+
+    async fn try_start(args: &[String]) -> Result<Self, String> {
         let (port, metrics_port) = (free_port(), free_port());
         let child = Command::new(binary("dlm-generator"))
             .arg("serve")
@@ -206,17 +234,16 @@ impl GeneratorServer {
                     if r.into_inner().status
                         == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
                     {
-                        return server;
+                        return Ok(server);
                     }
                 }
             }
             if let Ok(Some(status)) = server.child.try_wait() {
-                panic!("dlm-generator exited at start-up: {status}");
+                return Err(format!("dlm-generator exited at start-up: {status}"));
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "dlm-generator did not become healthy"
-            );
+            if std::time::Instant::now() > deadline {
+                return Err("dlm-generator did not become healthy".into());
+            }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
     }
