@@ -14,7 +14,7 @@ use crate::diffusion::{NoiseSchedule, Sampler, SamplerKind};
 use crate::model::diffusion_lm::build;
 use crate::model::ModelConfig;
 use crate::train::optim::{named_vars, AdamW, AdamWParams};
-use crate::train::step::step_gradients;
+use crate::train::step::{step_gradients, StepBatch};
 use crate::Result;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -74,16 +74,13 @@ pub fn bench(
         .collect();
     let mut rngs: Vec<StdRng> = (0..batch).map(|i| sequence_rng(1, i)).collect();
     let train_step_ms = time_ms(device, reps, || {
-        let out = step_gradients(
-            &model,
-            &schedule,
-            &vars,
-            &ids,
-            &t,
-            &mut rngs,
-            config.self_condition,
-            shards(device),
-        )?;
+        let batch = StepBatch {
+            ids: &ids,
+            t: &t,
+            rngs: &mut rngs,
+            self_condition: config.self_condition,
+        };
+        let out = step_gradients(&model, &schedule, &vars, batch, shards(device))?;
         opt.step(&out.grads, 1e-4, 1.0)
     })?;
 

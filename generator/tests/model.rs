@@ -7,7 +7,7 @@ use dlm_generator::model::diffusion_lm::{build, save_model_dir, LoadedModel};
 use dlm_generator::model::ModelConfig;
 use dlm_generator::text::WordTokenizer;
 use dlm_generator::train::optim::named_vars;
-use dlm_generator::train::step::step_gradients;
+use dlm_generator::train::step::{step_gradients, StepBatch};
 use dlm_generator::train::{loss::diffusion_loss, TrainConfig, Trainer};
 use rand::SeedableRng;
 
@@ -181,17 +181,13 @@ fn sharded_gradients_match_one_shard() {
     let ids = batch(&tok, cfg.seq_len);
     let grads = |shards: usize| {
         let mut rngs: Vec<_> = (0..4).map(rand::rngs::StdRng::seed_from_u64).collect();
-        step_gradients(
-            &model,
-            &schedule,
-            &vars,
-            &ids,
-            &[0, 10, 50, 99],
-            &mut rngs,
-            true,
-            shards,
-        )
-        .unwrap()
+        let batch = StepBatch {
+            ids: &ids,
+            t: &[0, 10, 50, 99],
+            rngs: &mut rngs,
+            self_condition: true,
+        };
+        step_gradients(&model, &schedule, &vars, batch, shards).unwrap()
     };
     let (one, three) = (grads(1), grads(3));
     assert!((one.mse - three.mse).abs() < 1e-5 && (one.rounding - three.rounding).abs() < 1e-5);

@@ -221,16 +221,13 @@ impl Trainer {
             let mut rngs: Vec<StdRng> = (0..cfg.batch_size)
                 .map(|i| sequence_rng(step_seed, i))
                 .collect();
-            let out = step::step_gradients(
-                &model,
-                &schedule,
-                &vars,
-                &ids,
-                &t,
-                &mut rngs,
+            let batch = step::StepBatch {
+                ids: &ids,
+                t: &t,
+                rngs: &mut rngs,
                 self_condition,
-                self.shards,
-            )?;
+            };
+            let out = step::step_gradients(&model, &schedule, &vars, batch, self.shards)?;
             let grads = out.grads;
             let grad_norm = optim::global_grad_norm(&vars, &grads)?;
             if !grad_norm.is_finite() {

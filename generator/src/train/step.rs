@@ -21,18 +21,33 @@ pub struct StepGradients {
     pub grads: GradStore,
 }
 
-/// Gradients of the mean loss over the batch `ids` [B, L] with timesteps `t` and one random stream
-/// per sequence, computed over `shards` threads.
+/// One training batch.
+pub struct StepBatch<'a> {
+    /// Token ids [B, L].
+    pub ids: &'a Tensor,
+    /// A training timestep per sequence.
+    pub t: &'a [usize],
+    /// A random stream per sequence (noise), so that shards draw what one thread would.
+    pub rngs: &'a mut [StdRng],
+    /// Train the self-conditioned pass this step (the trainer flips a coin per step).
+    pub self_condition: bool,
+}
+
+/// Gradients of the mean loss over `batch` for the variables `vars` of `model`, computed over
+/// `shards` threads.
 pub fn step_gradients(
     model: &DiffusionLm,
     schedule: &NoiseSchedule,
     vars: &[(String, Var)],
-    ids: &Tensor,
-    t: &[usize],
-    rngs: &mut [StdRng],
-    self_condition: bool,
+    batch: StepBatch,
     shards: usize,
 ) -> Result<StepGradients> {
+    let StepBatch {
+        ids,
+        t,
+        rngs,
+        self_condition,
+    } = batch;
     let b = t.len();
     let pieces = split(b, shards);
     let mut states = Vec::with_capacity(pieces.len());
