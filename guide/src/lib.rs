@@ -3,13 +3,14 @@
 //! models over the Open Inference Protocol (KServe v2) with ONNX Runtime.
 //!
 //! - [`runtime`]: ONNX Runtime set-up, sessions, the tensor contract of a guide model.
-//! - [`card`]: the guide card — label space and the generator it was trained for.
+//! - [`card`]: the guide card — label space and the generator it was trained for (shared with the
+//!   generator through `dlm-proto`).
 //! - [`batcher`]: dynamic batching of concurrent requests into one ONNX Runtime run.
 //! - [`repository`]: model repository (`DIR/<model>/<version>/model.onnx`), versions, hot swap.
 //! - [`server`]: the OIP gRPC service, guide cards, health, reflection; wire ↔ domain.
 
 pub mod batcher;
-pub mod card;
+pub use dlm_proto::card;
 pub mod error;
 pub mod repository;
 pub mod runtime;

@@ -398,27 +398,7 @@ impl dlm::guide_cards_server::GuideCards for CardService {
     ) -> std::result::Result<Response<dlm::GuideCard>, Status> {
         let r = req.into_inner();
         let v = self.repo.get(&r.model_name, &r.model_version)?;
-        Ok(Response::new(card_to_wire(&v.name, v.version, &v.card)))
-    }
-}
-
-pub fn card_to_wire(name: &str, version: u64, card: &GuideCard) -> dlm::GuideCard {
-    dlm::GuideCard {
-        model_name: name.into(),
-        model_version: version.to_string(),
-        fields: card
-            .fields
-            .iter()
-            .map(|f| dlm::GuideField {
-                name: f.name.clone(),
-                values: f.values.clone(),
-            })
-            .collect(),
-        embedding_sha256: card.embedding_sha256.clone(),
-        diffusion_steps: card.diffusion_steps as u32,
-        schedule: card.schedule.clone(),
-        seq_len: card.seq_len as u32,
-        embed_dim: card.embed_dim as u32,
+        Ok(Response::new(v.card.to_wire(&v.name, v.version)))
     }
 }
 

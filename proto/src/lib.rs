@@ -3,8 +3,11 @@
 //! - [`dlm::v1`]: the generator's public API (`dlm/v1/generator.proto`) and guide cards
 //!   (`dlm/v1/guide.proto`).
 //! - [`inference`]: the Open Inference Protocol (KServe v2) that guides speak.
+//! - [`card`]: the guide card as JSON (`card.json`, ONNX metadata), read by guides and generator.
 //!
 //! The encoded file descriptor set is exported for gRPC reflection.
+
+pub mod card;
 
 pub mod dlm {
     pub mod v1 {

@@ -192,51 +192,6 @@ impl RegisteredGuide {
     }
 }
 
-/// A guide card from `card.json` (the format `guide/train/train_classifier.py` writes).
-fn card_from_json(json: &str) -> std::result::Result<dlm_proto::dlm::v1::GuideCard, String> {
-    let v: serde_json::Value =
-        serde_json::from_str(json).map_err(|e| format!("invalid card JSON: {e}"))?;
-    let text = |k: &str| {
-        v[k].as_str()
-            .map(str::to_string)
-            .ok_or_else(|| format!("card lacks `{k}`"))
-    };
-    let num = |k: &str| {
-        v[k].as_u64()
-            .map(|n| n as u32)
-            .ok_or_else(|| format!("card lacks `{k}`"))
-    };
-    let fields = v["fields"]
-        .as_array()
-        .ok_or("card lacks `fields`")?
-        .iter()
-        .map(|f| {
-            Ok(dlm_proto::dlm::v1::GuideField {
-                name: f["name"]
-                    .as_str()
-                    .ok_or("a field lacks `name`")?
-                    .to_string(),
-                values: f["values"]
-                    .as_array()
-                    .ok_or("a field lacks `values`")?
-                    .iter()
-                    .filter_map(|x| x.as_str().map(str::to_string))
-                    .collect(),
-            })
-        })
-        .collect::<std::result::Result<Vec<_>, &str>>()?;
-    Ok(dlm_proto::dlm::v1::GuideCard {
-        model_name: String::new(),
-        model_version: String::new(),
-        fields,
-        embedding_sha256: text("embedding_sha256")?,
-        diffusion_steps: num("diffusion_steps")?,
-        schedule: text("schedule")?,
-        seq_len: num("seq_len")?,
-        embed_dim: num("embed_dim")?,
-    })
-}
-
 /// How often a guide's host name is resolved again (replicas come and go behind a headless Service).
 const RESOLVE_EVERY: Duration = Duration::from_secs(10);
 
@@ -385,8 +340,9 @@ impl GuideRegistry {
         };
         let channel = resolving_channel(name, &base, RESOLVE_EVERY).await?;
         let card = match card_json {
-            Some(json) => card_from_json(json)
-                .map_err(|e| Error::invalid("card", format!("guide `{name}`: {e}")))?,
+            Some(json) => dlm_proto::card::GuideCard::parse(json)
+                .map_err(|e| Error::invalid("card", format!("guide `{name}`: {e}")))?
+                .to_wire(&model, 0),
             None => {
                 let mut request = tonic::Request::new(GetCardRequest {
                     model_name: model.clone(),

@@ -38,4 +38,25 @@ impl GuideCard {
         }
         Ok(card)
     }
+
+    /// The card as `dlm.v1.GuideCard` for model `name`, version `version`.
+    pub fn to_wire(&self, name: &str, version: u64) -> crate::dlm::v1::GuideCard {
+        crate::dlm::v1::GuideCard {
+            model_name: name.into(),
+            model_version: version.to_string(),
+            fields: self
+                .fields
+                .iter()
+                .map(|f| crate::dlm::v1::GuideField {
+                    name: f.name.clone(),
+                    values: f.values.clone(),
+                })
+                .collect(),
+            embedding_sha256: self.embedding_sha256.clone(),
+            diffusion_steps: self.diffusion_steps as u32,
+            schedule: self.schedule.clone(),
+            seq_len: self.seq_len as u32,
+            embed_dim: self.embed_dim as u32,
+        }
+    }
 }
