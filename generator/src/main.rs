@@ -73,9 +73,10 @@ struct DeviceParityArgs {
     /// Write the reference from this device instead of comparing against it.
     #[arg(long, env = "DLM_WRITE")]
     write: bool,
-    /// Sentences sampled for the text comparison.
+    /// Sentences sampled for the text comparison (with --write; a comparison uses the reference's).
     #[arg(long, env = "DLM_N", default_value_t = 16)]
     n: usize,
+    /// Sampling steps of those sentences (with --write, likewise).
     #[arg(long, env = "DLM_SAMPLE_STEPS", default_value_t = 200)]
     steps: usize,
 }

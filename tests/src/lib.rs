@@ -66,6 +66,22 @@ pub fn venv_python() -> PathBuf {
     p
 }
 
+/// Runs `start` (which picks fresh ports) up to three times: a port found free by [`free_port`]
+/// can be taken by another test before the server binds it. Panics with the last failure.
+async fn on_fresh_ports<T, F>(mut start: impl FnMut() -> F) -> T
+where
+    F: std::future::Future<Output = Result<T, String>>,
+{
+    let mut last = String::new();
+    for _ in 0..3 {
+        match start().await {
+            Ok(server) => return server,
+            Err(e) => last = e,
+        }
+    }
+    panic!("{last}")
+}
+
 /// A `dlm-guide serve` process on loopback, killed on drop.
 pub struct GuideServer {
     pub port: u16,
@@ -74,17 +90,9 @@ pub struct GuideServer {
 }
 
 impl GuideServer {
-    /// Starts the guide on `repository` and waits until it reports ready. A port found free can be
-    /// taken by another test before the guide binds it: then it tries again on fresh ports.
+    /// Starts the guide on `repository` and waits until it reports ready.
     pub async fn start(repository: &Path, extra: &[&str]) -> Self {
-        let mut last = String::new();
-        for _ in 0..3 {
-            match Self::try_start_on(free_port(), repository, extra).await {
-                Ok(server) => return server,
-                Err(e) => last = e,
-            }
-        }
-        panic!("{last}")
+        on_fresh_ports(|| Self::try_start_on(free_port(), repository, extra)).await
     }
 
     /// [`start`](Self::start) on a given port.
@@ -183,17 +191,9 @@ pub struct GeneratorServer {
 }
 
 impl GeneratorServer {
-    /// Starts the generator with `args` (model, guides, limits) and waits until it is SERVING,
-    /// trying again on fresh ports if it exits at start-up (a port found free can be taken first).
+    /// Starts the generator with `args` (model, guides, limits) and waits until it is SERVING.
     pub async fn start(args: &[String]) -> Self {
-        let mut last = String::new();
-        for _ in 0..3 {
-            match Self::try_start(args).await {
-                Ok(server) => return server,
-                Err(e) => last = e,
-            }
-        }
-        panic!("{last}")
+        on_fresh_ports(|| Self::try_start(args)).await
     }
 
     async fn try_start(args: &[String]) -> Result<Self, String> {

@@ -593,9 +593,9 @@ impl Engine {
         &self,
         rows: &[usize],
         x_final: &Tensor,
-        per: usize,
     ) -> Result<Vec<Vec<Option<(String, f32)>>>> {
         let cfg = &self.model.model.config;
+        let per = cfg.seq_len * cfg.embed_dim;
         let mut scores: Vec<Vec<Option<(String, f32)>>> = Vec::with_capacity(rows.len());
         // (guide, [(row position, control index, targets)])
         let mut by_guide: Vec<(Arc<RegisteredGuide>, Vec<(usize, usize, &[i64])>)> = Vec::new();
@@ -678,10 +678,7 @@ impl Engine {
     /// Rounds the rows that reached step 0, scores them, and answers the requests now complete.
     fn finish(&mut self, rows: &[usize], x_final: &Tensor) -> Result<()> {
         let tok = &self.model.tokenizer;
-        let cfg = &self.model.model.config;
-        let (l, d) = (cfg.seq_len, cfg.embed_dim);
-        let per = l * d;
-        let scores = self.final_scores(rows, x_final, per)?;
+        let scores = self.final_scores(rows, x_final)?;
         for (&b, scores) in rows.iter().zip(scores) {
             let s = &self.seqs[b];
             let (run, slot) = (s.run, s.slot);

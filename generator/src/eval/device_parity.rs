@@ -114,7 +114,14 @@ impl Reference {
                 ),
             ));
         }
-        if self.x0.len() != reference.x0.len() || self.texts.len() != reference.texts.len() {
+        let same_shapes = self.x0.len() == reference.x0.len()
+            && self.texts.len() == reference.texts.len()
+            && self
+                .x0
+                .iter()
+                .zip(&reference.x0)
+                .all(|(a, b)| a.len() == b.len());
+        if !same_shapes {
             return Err(Error::invalid(
                 "reference",
                 "probe shapes differ: write a new one with --write",
@@ -122,12 +129,6 @@ impl Reference {
         }
         let (mut max_abs, mut diff_sq, mut ref_sq) = (0f32, 0f64, 0f64);
         for (a, b) in self.x0.iter().zip(&reference.x0) {
-            if a.len() != b.len() {
-                return Err(Error::invalid(
-                    "reference",
-                    "probe shapes differ: write a new one with --write",
-                ));
-            }
             for (&x, &y) in a.iter().zip(b) {
                 max_abs = max_abs.max((x - y).abs());
                 diff_sq += ((x - y) as f64).powi(2);

@@ -199,14 +199,9 @@ impl CustomOp1 for Softmax {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, self.name())?;
         let n = l.dims()[l.dims().len() - 1];
-        let mut out = Vec::with_capacity(x.len());
-        for row in x.chunks_exact(n) {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let first = out.len();
-            out.extend(row.iter().map(|v| fast_exp(v - max)));
-            let o = &mut out[first..];
-            let inv = 1.0 / o.iter().sum::<f32>();
-            o.iter_mut().for_each(|v| *v *= inv);
+        let mut out = vec![0f32; x.len()];
+        for (row, o) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+            softmax_row(row, o);
         }
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
