@@ -1,8 +1,25 @@
 //! Does the text say what was asked? For an E2E (field, value) target, whether a text realises it,
-//! by normalised word match (the tokenizer's words, lowercased), with the usual paraphrases of
-//! familyFriendly.
+//! by normalised word match (the tokenizer's words, lowercased) against the value's usual phrases in
+//! `paraphrases.json`, which the guide trainer also reads to label its training texts.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use serde::Deserialize;
 
 use crate::text::tokenizer::words;
+
+#[derive(Deserialize)]
+struct Paraphrases {
+    /// field -> value -> phrases that say it.
+    phrases: HashMap<String, HashMap<String, Vec<String>>>,
+    /// field -> value -> the value whose realisation cancels it ("not family friendly" is not "yes").
+    unless: HashMap<String, HashMap<String, String>>,
+}
+
+static PARAPHRASES: LazyLock<Paraphrases> = LazyLock::new(|| {
+    serde_json::from_str(include_str!("paraphrases.json")).expect("paraphrases.json is valid")
+});
 
 fn contains_seq(hay: &[String], needle: &[String]) -> bool {
     !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
@@ -10,66 +27,27 @@ fn contains_seq(hay: &[String], needle: &[String]) -> bool {
 
 /// Whether `text` realises `field = value`.
 pub fn realises(text: &str, field: &str, value: &str) -> bool {
-    let t = words(text);
-    let has = |phrase: &str| contains_seq(&t, &words(phrase));
-    match field {
-        "familyFriendly" => {
-            let negated = [
-                "not family",
-                "not kid",
-                "not child",
-                "non family",
-                "adults only",
-                "no children",
-                "not for families",
-            ]
-            .iter()
-            .any(|p| has(p));
-            let friendly = [
-                "family friendly",
-                "kid friendly",
-                "child friendly",
-                "children friendly",
-                "families",
-                "for kids",
-                "for children",
-            ]
-            .iter()
-            .any(|p| has(p));
-            match value {
-                "yes" => friendly && !negated,
-                "no" => negated,
-                _ => false,
-            }
-        }
-        "priceRange" => match value {
-            "cheap" => has("cheap") || has("inexpensive") || has("low price") || has("low cost"),
-            "high" => {
-                has("high price") || has("expensive") || has("high cost") || has("high priced")
-            }
-            "moderate" => has("moderate") || has("moderately") || has("average price"),
-            v => has(v),
-        },
-        "customer rating" => match value {
-            "high" => {
-                has("high customer rating")
-                    || has("highly rated")
-                    || has("high rating")
-                    || has("rated high")
-            }
-            "low" => {
-                has("low customer rating")
-                    || has("low rating")
-                    || has("poorly rated")
-                    || has("rated low")
-            }
-            "average" => {
-                has("average customer rating") || has("average rating") || has("rated average")
-            }
-            v => has(v),
-        },
-        _ => has(value),
-    }
+    realises_words(&words(text), field, value)
+}
+
+fn realises_words(text: &[String], field: &str, value: &str) -> bool {
+    let table = &*PARAPHRASES;
+    let said = match table
+        .phrases
+        .get(field)
+        .and_then(|values| values.get(value))
+    {
+        Some(phrases) => phrases.iter().any(|p| contains_seq(text, &words(p))),
+        None => contains_seq(text, &words(value)),
+    };
+    let cancelled = || {
+        table
+            .unless
+            .get(field)
+            .and_then(|values| values.get(value))
+            .is_some_and(|other| realises_words(text, field, other))
+    };
+    said && !cancelled()
 }
 
 #[cfg(test)]

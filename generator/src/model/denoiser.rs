@@ -6,9 +6,10 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
+use super::attention::multi_head_attention;
 use super::config::ModelConfig;
 use super::layers::{linear, timestep_embedding, LayerNorm, Linear};
-use super::ops::{gelu, softmax_last_dim};
+use super::ops::gelu;
 
 #[derive(Debug, Clone)]
 struct Attention {
@@ -33,20 +34,9 @@ impl Attention {
 
     /// x: [B, L, H]
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, l, h) = x.dims3()?;
-        let hd = h / self.heads;
-        let split = |layer: &Linear| -> Result<Tensor> {
-            layer
-                .forward(x)?
-                .reshape((b, l, self.heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let (q, k, v) = (split(&self.q)?, split(&self.k)?, split(&self.v)?);
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let probs = softmax_last_dim(&scores)?;
-        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h))?;
-        self.out.forward(&ctx)
+        let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
+        self.out
+            .forward(&multi_head_attention(&q, &k, &v, self.heads)?)
     }
 }
 

@@ -2,6 +2,7 @@
 //! (logits x0·Eᵀ + b, tied to E). One directory holds a model: `config.json`, `model.safetensors`,
 //! `tokenizer.json`.
 
+pub mod attention;
 pub mod config;
 pub mod denoiser;
 pub mod diffusion_lm;

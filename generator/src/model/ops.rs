@@ -9,7 +9,7 @@ use candle_core::{
 
 const LN_EPS: f32 = 1e-5;
 
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+pub(super) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let data = match s {
         CpuStorage::F32(v) => v.as_slice(),
         _ => candle_core::bail!("{op}: only f32 is supported"),
@@ -348,7 +348,7 @@ fn targets_u32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
 
 /// Writes softmax(row) into `out` and returns log Σ exp(row).
 #[inline(always)]
-fn softmax_row(row: &[f32], out: &mut [f32]) -> f32 {
+pub(super) fn softmax_row(row: &[f32], out: &mut [f32]) -> f32 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f32;
     for (o, v) in out.iter_mut().zip(row) {

@@ -1,0 +1,418 @@
+//! Multi-head scaled dot-product attention as one fused CPU kernel with its backward pass.
+//!
+//! q, k and v stay in the [B, L, H] layout the dense layers write; each (sequence, head) pair is
+//! read in place through strides, so the per-head transposes, the score scaling and the context
+//! re-layout that the composition of candle ops pays as full copies are never made. The
+//! backward pass recomputes the attention weights rather than keeping them (L² per head).
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+
+use super::ops::{contiguous_f32, softmax_last_dim, softmax_row};
+
+/// softmax(q·kᵀ / √d)·v per head, for q, k, v [B, L, H] with `heads` heads of H / heads dims.
+pub fn multi_head_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, l, h) = q.dims3()?;
+    if h % heads != 0 {
+        candle_core::bail!("attention: hidden size {h} is not a multiple of {heads} heads");
+    }
+    if q.device().is_cpu() {
+        return q.contiguous()?.apply_op3(
+            &k.contiguous()?,
+            &v.contiguous()?,
+            FusedAttention { heads },
+        );
+    }
+    let hd = h / heads;
+    let split = |x: &Tensor| x.reshape((b, l, heads, hd))?.transpose(1, 2)?.contiguous();
+    let (q, k, v) = (split(q)?, split(k)?, split(v)?);
+    let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+    softmax_last_dim(&scores)?
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .reshape((b, l, h))
+}
+
+/// A strided matrix inside a slice: element (r, c) at `data[r·row_stride + c·col_stride]`.
+#[derive(Clone, Copy)]
+struct View {
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl View {
+    fn rows_of(rows: usize, cols: usize, row_stride: usize) -> Self {
+        Self {
+            rows,
+            cols,
+            row_stride,
+            col_stride: 1,
+        }
+    }
+
+    fn t(self) -> Self {
+        Self {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+        }
+    }
+
+    /// The slice length the view needs.
+    fn extent(&self) -> usize {
+        (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride + 1
+    }
+}
+
+/// dst = scale·lhs·rhs (+ dst when `accumulate`), single-threaded: the caller already runs one
+/// shard of the batch per thread.
+fn matmul(
+    dst: &mut [f32],
+    dv: View,
+    lhs: &[f32],
+    lv: View,
+    rhs: &[f32],
+    rv: View,
+    scale: f32,
+    accumulate: bool,
+) {
+    assert!(
+        lv.cols == rv.rows && dv.rows == lv.rows && dv.cols == rv.cols,
+        "matmul shapes"
+    );
+    assert!(dst.len() >= dv.extent() && lhs.len() >= lv.extent() && rhs.len() >= rv.extent());
+    // SAFETY: the three views lie inside their slices (checked above) and dst is borrowed
+    // mutably, so it overlaps neither input.
+    unsafe {
+        gemm::gemm(
+            dv.rows,
+            dv.cols,
+            lv.cols,
+            dst.as_mut_ptr(),
+            dv.col_stride as isize,
+            dv.row_stride as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lv.col_stride as isize,
+            lv.row_stride as isize,
+            rhs.as_ptr(),
+            rv.col_stride as isize,
+            rv.row_stride as isize,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// The shapes of one call: B sequences of L positions, H = heads · head_dim.
+#[derive(Clone, Copy)]
+struct Dims {
+    batch: usize,
+    len: usize,
+    hidden: usize,
+    head_dim: usize,
+    heads: usize,
+}
+
+impl Dims {
+    fn of(l: &Layout, heads: usize) -> Result<Self> {
+        let (batch, len, hidden) = l.shape().dims3()?;
+        Ok(Self {
+            batch,
+            len,
+            hidden,
+            head_dim: hidden / heads,
+            heads,
+        })
+    }
+
+    /// Offset of (sequence, head) in a [B, L, H] buffer, and the [L, head_dim] view there.
+    fn head(&self, seq: usize, head: usize) -> (usize, View) {
+        (
+            seq * self.len * self.hidden + head * self.head_dim,
+            View::rows_of(self.len, self.head_dim, self.hidden),
+        )
+    }
+
+    fn scale(&self) -> f32 {
+        1.0 / (self.head_dim as f32).sqrt()
+    }
+
+    /// Attention weights P = softmax(q·kᵀ·scale) of one (sequence, head) into `probs` [L, L].
+    fn weights(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        seq: usize,
+        head: usize,
+        scores: &mut [f32],
+        probs: &mut [f32],
+    ) {
+        let (at, hv) = self.head(seq, head);
+        let square = View::rows_of(self.len, self.len, self.len);
+        matmul(
+            scores,
+            square,
+            &q[at..],
+            hv,
+            &k[at..],
+            hv.t(),
+            self.scale(),
+            false,
+        );
+        for (row, out) in scores
+            .chunks_exact(self.len)
+            .zip(probs.chunks_exact_mut(self.len))
+        {
+            softmax_row(row, out);
+        }
+    }
+}
+
+struct FusedAttention {
+    heads: usize,
+}
+
+impl CustomOp3 for FusedAttention {
+    fn name(&self) -> &'static str {
+        "dlm-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sq: &CpuStorage,
+        lq: &Layout,
+        sk: &CpuStorage,
+        lk: &Layout,
+        sv: &CpuStorage,
+        lv: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (
+            contiguous_f32(sq, lq, self.name())?,
+            contiguous_f32(sk, lk, self.name())?,
+            contiguous_f32(sv, lv, self.name())?,
+        );
+        if lk.shape() != lq.shape() || lv.shape() != lq.shape() {
+            candle_core::bail!("attention: q, k and v shapes differ");
+        }
+        let d = Dims::of(lq, self.heads)?;
+        let mut out = vec![0f32; q.len()];
+        let mut scores = vec![0f32; d.len * d.len];
+        let mut probs = vec![0f32; d.len * d.len];
+        let square = View::rows_of(d.len, d.len, d.len);
+        for seq in 0..d.batch {
+            for head in 0..d.heads {
+                d.weights(q, k, seq, head, &mut scores, &mut probs);
+                let (at, hv) = d.head(seq, head);
+                matmul(&mut out[at..], hv, &probs, square, &v[at..], hv, 1.0, false);
+            }
+        }
+        Ok((CpuStorage::F32(out), lq.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grads = q.apply_op3_no_bwd(
+            k,
+            v,
+            &FusedAttentionBackward {
+                heads: self.heads,
+                grad: grad.contiguous()?,
+            },
+        )?;
+        let part = |i| grads.get(i);
+        Ok((Some(part(0)?), Some(part(1)?), Some(part(2)?)))
+    }
+}
+
+/// (q, k, v) and the output's gradient g → [3, B, L, H]: the gradients of q, k and v. Per head,
+/// with P recomputed: dv = Pᵀ·g, dP = g·vᵀ, dS = P ⊙ (dP − rowsum(dP ⊙ P)), dq = scale·dS·k,
+/// dk = scale·dSᵀ·q.
+struct FusedAttentionBackward {
+    heads: usize,
+    grad: Tensor,
+}
+
+impl CustomOp3 for FusedAttentionBackward {
+    fn name(&self) -> &'static str {
+        "dlm-attention-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sq: &CpuStorage,
+        lq: &Layout,
+        sk: &CpuStorage,
+        lk: &Layout,
+        sv: &CpuStorage,
+        lv: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (
+            contiguous_f32(sq, lq, self.name())?,
+            contiguous_f32(sk, lk, self.name())?,
+            contiguous_f32(sv, lv, self.name())?,
+        );
+        let (grad_storage, grad_layout) = self.grad.storage_and_layout();
+        let g = match &*grad_storage {
+            Storage::Cpu(s) => contiguous_f32(s, grad_layout, self.name())?,
+            _ => candle_core::bail!("attention backward: gradient is not on the CPU"),
+        };
+        let d = Dims::of(lq, self.heads)?;
+        let n = q.len();
+        let mut out = vec![0f32; 3 * n];
+        let (dq, rest) = out.split_at_mut(n);
+        let (dk, dv) = rest.split_at_mut(n);
+        let mut scores = vec![0f32; d.len * d.len];
+        let mut probs = vec![0f32; d.len * d.len];
+        let square = View::rows_of(d.len, d.len, d.len);
+        for seq in 0..d.batch {
+            for head in 0..d.heads {
+                d.weights(q, k, seq, head, &mut scores, &mut probs);
+                let (at, hv) = d.head(seq, head);
+                matmul(
+                    &mut dv[at..],
+                    hv,
+                    &probs,
+                    square.t(),
+                    &g[at..],
+                    hv,
+                    1.0,
+                    false,
+                );
+                // dP into `scores`, then dS in place.
+                matmul(
+                    &mut scores,
+                    square,
+                    &g[at..],
+                    hv,
+                    &v[at..],
+                    hv.t(),
+                    1.0,
+                    false,
+                );
+                for (ds, p) in scores
+                    .chunks_exact_mut(d.len)
+                    .zip(probs.chunks_exact(d.len))
+                {
+                    let dot: f32 = ds.iter().zip(p).map(|(a, b)| a * b).sum();
+                    ds.iter_mut().zip(p).for_each(|(x, p)| *x = p * (*x - dot));
+                }
+                matmul(
+                    &mut dq[at..],
+                    hv,
+                    &scores,
+                    square,
+                    &k[at..],
+                    hv,
+                    d.scale(),
+                    false,
+                );
+                matmul(
+                    &mut dk[at..],
+                    hv,
+                    &scores,
+                    square.t(),
+                    &q[at..],
+                    hv,
+                    d.scale(),
+                    false,
+                );
+            }
+        }
+        let (b, l, h) = (d.batch, d.len, d.hidden);
+        Ok((CpuStorage::F32(out), Shape::from((3, b, l, h))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// The fused kernel against the composition of candle ops (the path other devices take),
+    /// forward and backward.
+    #[test]
+    fn fused_attention_matches_the_composition() {
+        let dev = Device::Cpu;
+        let (b, l, h, heads) = (3, 7, 12, 3);
+        let var =
+            |s: f32| Var::from_tensor(&Tensor::randn(0f32, s, (b, l, h), &dev).unwrap()).unwrap();
+        let (q, k, v) = (var(1.5), var(1.5), var(1.0));
+        let probe = Tensor::randn(0f32, 1.0, (b, l, h), &dev).unwrap();
+
+        let fused = multi_head_attention(&q, &k, &v, heads).unwrap();
+        let hd = h / heads;
+        let split = |x: &Tensor| {
+            x.reshape((b, l, heads, hd))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let scores = (split(&q).matmul(&split(&k).t().unwrap()).unwrap()
+            * (1.0 / (hd as f64).sqrt()))
+        .unwrap();
+        let composed = candle_nn::ops::softmax(&scores, candle_core::D::Minus1)
+            .unwrap()
+            .matmul(&split(&v))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, l, h))
+            .unwrap();
+        assert!(max_abs_diff(&fused, &composed) < 1e-5);
+
+        let gf = (&fused * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gc = (&composed * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+            let (a, c) = (gf.get(x).unwrap(), gc.get(x).unwrap());
+            assert!(
+                c.abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    > 1e-3
+            );
+            let d = max_abs_diff(a, c);
+            assert!(d < 1e-4, "attention gradient of {name} differs by {d}");
+        }
+    }
+}
