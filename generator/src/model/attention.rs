@@ -7,7 +7,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 
-use super::ops::{contiguous_f32, softmax_last_dim, softmax_row};
+use super::ops::{contiguous_f32, softmax_backward_rows, softmax_last_dim, softmax_rows};
 
 /// softmax(q·kᵀ / √d)·v per head, for q, k, v [B, L, H] with `heads` heads of H / heads dims.
 pub fn multi_head_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
@@ -166,12 +166,7 @@ impl Dims {
             self.scale(),
             false,
         );
-        for (row, out) in scores
-            .chunks_exact(self.len)
-            .zip(probs.chunks_exact_mut(self.len))
-        {
-            softmax_row(row, out);
-        }
+        softmax_rows(scores, self.len, probs);
     }
 }
 
@@ -302,13 +297,7 @@ impl CustomOp3 for FusedAttentionBackward {
                     1.0,
                     false,
                 );
-                for (ds, p) in scores
-                    .chunks_exact_mut(d.len)
-                    .zip(probs.chunks_exact(d.len))
-                {
-                    let dot: f32 = ds.iter().zip(p).map(|(a, b)| a * b).sum();
-                    ds.iter_mut().zip(p).for_each(|(x, p)| *x = p * (*x - dot));
-                }
+                softmax_backward_rows(&probs, &mut scores, d.len);
                 matmul(
                     &mut dq[at..],
                     hv,

@@ -9,7 +9,7 @@ use candle_nn::{Init, VarBuilder};
 use super::attention::multi_head_attention;
 use super::config::ModelConfig;
 use super::layers::{linear, timestep_embedding, LayerNorm, Linear};
-use super::ops::gelu;
+use super::ops::{gelu, tanh};
 
 #[derive(Debug, Clone)]
 struct Attention {
@@ -128,7 +128,7 @@ impl Denoiser {
         } else {
             x_t.clone()
         };
-        let up = self.up_out.forward(&self.up_in.forward(&input)?.tanh()?)?;
+        let up = self.up_out.forward(&tanh(&self.up_in.forward(&input)?)?)?;
         let temb = timestep_embedding(t, self.hidden)?;
         let temb = self
             .time_out
@@ -140,6 +140,6 @@ impl Denoiser {
             h = block.forward(&h)?;
         }
         let h = self.ln_final.forward(&h)?;
-        self.down_out.forward(&self.down_in.forward(&h)?.tanh()?)
+        self.down_out.forward(&tanh(&self.down_in.forward(&h)?)?)
     }
 }
