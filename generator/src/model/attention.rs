@@ -7,6 +7,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 
+use super::matmul::{matmul, View};
 use super::ops::{contiguous_f32, softmax_backward_rows, softmax_last_dim, softmax_rows};
 
 /// softmax(q·kᵀ / √d)·v per head, for q, k, v [B, L, H] with `heads` heads of H / heads dims.
@@ -30,84 +31,6 @@ pub fn multi_head_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) ->
         .matmul(&v)?
         .transpose(1, 2)?
         .reshape((b, l, h))
-}
-
-/// A strided matrix inside a slice: element (r, c) at `data[r·row_stride + c·col_stride]`.
-#[derive(Clone, Copy)]
-struct View {
-    rows: usize,
-    cols: usize,
-    row_stride: usize,
-    col_stride: usize,
-}
-
-impl View {
-    fn rows_of(rows: usize, cols: usize, row_stride: usize) -> Self {
-        Self {
-            rows,
-            cols,
-            row_stride,
-            col_stride: 1,
-        }
-    }
-
-    fn t(self) -> Self {
-        Self {
-            rows: self.cols,
-            cols: self.rows,
-            row_stride: self.col_stride,
-            col_stride: self.row_stride,
-        }
-    }
-
-    /// The slice length the view needs.
-    fn extent(&self) -> usize {
-        (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride + 1
-    }
-}
-
-/// dst = scale·lhs·rhs (+ dst when `accumulate`), single-threaded: the caller already runs one
-/// shard of the batch per thread.
-fn matmul(
-    dst: &mut [f32],
-    dv: View,
-    lhs: &[f32],
-    lv: View,
-    rhs: &[f32],
-    rv: View,
-    scale: f32,
-    accumulate: bool,
-) {
-    assert!(
-        lv.cols == rv.rows && dv.rows == lv.rows && dv.cols == rv.cols,
-        "matmul shapes"
-    );
-    assert!(dst.len() >= dv.extent() && lhs.len() >= lv.extent() && rhs.len() >= rv.extent());
-    // SAFETY: the three views lie inside their slices (checked above) and dst is borrowed
-    // mutably, so it overlaps neither input.
-    unsafe {
-        gemm::gemm(
-            dv.rows,
-            dv.cols,
-            lv.cols,
-            dst.as_mut_ptr(),
-            dv.col_stride as isize,
-            dv.row_stride as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lv.col_stride as isize,
-            lv.row_stride as isize,
-            rhs.as_ptr(),
-            rv.col_stride as isize,
-            rv.row_stride as isize,
-            1.0,
-            scale,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
 }
 
 /// The shapes of one call: B sequences of L positions, H = heads · head_dim.

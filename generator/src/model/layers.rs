@@ -1,10 +1,11 @@
 //! Differentiable building blocks. candle's fused layer norm and softmax drop gradients
 //! (FINDINGS); ours ([`super::ops`]) carry their own backward.
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
-use super::ops::{bias_add, layer_norm};
+use super::matmul::{matmul, View};
+use super::ops::{add_rows, bias_add, contiguous_f32, layer_norm};
 
 /// A dense layer y = x·Wᵀ + b over the last dimension, computed as one 2-D matrix product on the
 /// flattened rows (the layout both candle and an ONNX export run fastest).
@@ -38,13 +39,153 @@ impl Module for Linear {
         let dims = x.dims();
         let last = dims[dims.len() - 1];
         let rows = x.elem_count() / last;
-        let y = bias_add(
-            &x.reshape((rows, last))?.matmul(&self.weight.t()?)?,
-            &self.bias,
-        )?;
+        let x2 = x.reshape((rows, last))?;
+        let y = if x.device().is_cpu() {
+            x2.contiguous()?
+                .apply_op3(&self.weight, &self.bias, Dense)?
+        } else {
+            bias_add(&x2.matmul(&self.weight.t()?)?, &self.bias)?
+        };
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().unwrap() = y.dim(1)?;
         y.reshape(out_dims)
+    }
+}
+
+/// x [N, I] · Wᵀ + b for W [O, I], b [O], as one CPU kernel: the output starts as the bias rows
+/// and the product accumulates onto it (no zero-filled product buffer, no separate bias pass,
+/// no transposed copy of W).
+struct Dense;
+
+/// The operands of [`Dense`] and [`DenseBackward`] (whose third is the output gradient, not b).
+fn dense_operands<'a>(
+    op: &str,
+    third_is_grad: bool,
+    s1: &'a CpuStorage,
+    l1: &Layout,
+    s2: &'a CpuStorage,
+    l2: &Layout,
+    s3: &'a CpuStorage,
+    l3: &Layout,
+) -> Result<(&'a [f32], &'a [f32], &'a [f32], usize, usize, usize)> {
+    let (n, inp) = l1.shape().dims2()?;
+    let (out, w_inp) = l2.shape().dims2()?;
+    let third = if third_is_grad { n * out } else { out };
+    if w_inp != inp || l3.shape().elem_count() != third {
+        candle_core::bail!(
+            "{op}: x {:?}, weight {:?} and {:?} do not fit",
+            l1.shape(),
+            l2.shape(),
+            l3.shape()
+        );
+    }
+    Ok((
+        contiguous_f32(s1, l1, op)?,
+        contiguous_f32(s2, l2, op)?,
+        contiguous_f32(s3, l3, op)?,
+        n,
+        inp,
+        out,
+    ))
+}
+
+impl CustomOp3 for Dense {
+    fn name(&self) -> &'static str {
+        "dlm-dense"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b, n, inp, out) = dense_operands(self.name(), false, s1, l1, s2, l2, s3, l3)?;
+        let mut y = Vec::with_capacity(n * out);
+        for _ in 0..n {
+            y.extend_from_slice(b);
+        }
+        matmul(
+            &mut y,
+            View::rows_of(n, out, out),
+            x,
+            View::rows_of(n, inp, inp),
+            w,
+            View::rows_of(out, inp, inp).t(),
+            1.0,
+            true,
+        );
+        Ok((CpuStorage::F32(y), Shape::from((n, out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // One kernel computes all three gradients, packed as [dx (N·I), dW (O·I), db (O)].
+        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &DenseBackward)?;
+        let (nx, nw) = (x.elem_count(), w.elem_count());
+        let dx = packed.narrow(0, 0, nx)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, nx, nw)?.reshape(w.shape())?;
+        let db = packed.narrow(0, nx + nw, w.dim(0)?)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// dx = g·W, dW = gᵀ·x, db = Σ_rows g, for the output gradient g [N, O].
+struct DenseBackward;
+
+impl CustomOp3 for DenseBackward {
+    fn name(&self) -> &'static str {
+        "dlm-dense-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, g, n, inp, out) = dense_operands(self.name(), true, s1, l1, s2, l2, s3, l3)?;
+        let mut packed = vec![0f32; n * inp + out * inp + out];
+        let (dx, rest) = packed.split_at_mut(n * inp);
+        let (dw, db) = rest.split_at_mut(out * inp);
+        let gv = View::rows_of(n, out, out);
+        matmul(
+            dx,
+            View::rows_of(n, inp, inp),
+            g,
+            gv,
+            w,
+            View::rows_of(out, inp, inp),
+            1.0,
+            false,
+        );
+        matmul(
+            dw,
+            View::rows_of(out, inp, inp),
+            g,
+            gv.t(),
+            x,
+            View::rows_of(n, inp, inp),
+            1.0,
+            false,
+        );
+        for row in g.chunks_exact(out) {
+            add_rows(db, row);
+        }
+        let len = packed.len();
+        Ok((CpuStorage::F32(packed), Shape::from(len)))
     }
 }
 
@@ -81,4 +222,64 @@ pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
         .unsqueeze(1)?
         .broadcast_mul(&freqs)?;
     Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// The fused dense kernel against matmul + broadcast add, forward and all three gradients.
+    #[test]
+    fn dense_matches_the_composition() {
+        let dev = Device::Cpu;
+        let randn = |shape: &[usize]| {
+            Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap()).unwrap()
+        };
+        let (x, w, b) = (randn(&[2, 5, 7]), randn(&[3, 7]), randn(&[3]));
+        let layer = Linear {
+            weight: w.as_tensor().clone(),
+            bias: b.as_tensor().clone(),
+        };
+        let probe = Tensor::randn(0f32, 1.0, (2, 5, 3), &dev).unwrap();
+
+        let fused = layer.forward(&x).unwrap();
+        let composed = x
+            .as_tensor()
+            .broadcast_matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        assert_eq!(fused.dims(), &[2, 5, 3]);
+        assert!(max_abs_diff(&fused, &composed) < 1e-5);
+        let gf = (&fused * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gc = (&composed * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, v) in [("x", &x), ("weight", &w), ("bias", &b)] {
+            let d = max_abs_diff(gf.get(v).unwrap(), gc.get(v).unwrap());
+            assert!(d < 1e-4, "dense gradient of {name} differs by {d}");
+        }
+    }
 }

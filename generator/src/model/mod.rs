@@ -8,6 +8,7 @@ pub mod denoiser;
 pub mod diffusion_lm;
 pub mod init;
 pub mod layers;
+mod matmul;
 pub mod ops;
 
 pub use config::ModelConfig;

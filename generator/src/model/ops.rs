@@ -66,7 +66,11 @@ fn row_stats(row: &[f32]) -> (f32, f32) {
     (mean, 1.0 / (var + LN_EPS).sqrt())
 }
 
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
 fn layer_norm_rows(x: &[f32], w: &[f32], b: &[f32], out: &mut [f32]) {
     let h = w.len();
     for (row, o) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
@@ -77,7 +81,11 @@ fn layer_norm_rows(x: &[f32], w: &[f32], b: &[f32], out: &mut [f32]) {
     }
 }
 
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
 fn layer_norm_backward_rows(
     x: &[f32],
     w: &[f32],
@@ -111,7 +119,11 @@ fn layer_norm_backward_rows(
 }
 
 /// Softmax of each row of n values.
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
 pub(super) fn softmax_rows(x: &[f32], n: usize, out: &mut [f32]) {
     for (row, o) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
         softmax_row(row, o);
@@ -119,7 +131,11 @@ pub(super) fn softmax_rows(x: &[f32], n: usize, out: &mut [f32]) {
 }
 
 /// The softmax backward pass in place, per row of n values: g ← y · (g − Σ g·y).
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
 pub(super) fn softmax_backward_rows(y: &[f32], g: &mut [f32], n: usize) {
     for (yr, gr) in y.chunks_exact(n).zip(g.chunks_exact_mut(n)) {
         let dot = lane_sum(n, |i| yr[i] * gr[i]);
@@ -129,14 +145,22 @@ pub(super) fn softmax_backward_rows(y: &[f32], g: &mut [f32], n: usize) {
     }
 }
 
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
 fn gelu_forward(x: &[f32], out: &mut [f32]) {
     for (o, &v) in out.iter_mut().zip(x) {
         *o = 0.5 * v * (1.0 + erf(v * FRAC_1_SQRT_2));
     }
 }
 
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
 fn gelu_backward(x: &[f32], g: &[f32], out: &mut [f32]) {
     for ((o, &v), &gv) in out.iter_mut().zip(x).zip(g) {
         let cdf = 0.5 * (1.0 + erf(v * FRAC_1_SQRT_2));
@@ -147,7 +171,11 @@ fn gelu_backward(x: &[f32], g: &[f32], out: &mut [f32]) {
 
 /// tanh(x) = sign(x) · (1 − e^(−2|x|)) / (1 + e^(−2|x|)): absolute error below 2e-7; libm's tanhf
 /// (with the expm1f it calls) was 8% of a training step.
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
 fn tanh_forward(x: &[f32], out: &mut [f32]) {
     for (o, &v) in out.iter_mut().zip(x) {
         let e = fast_exp(-2.0 * v.abs());
@@ -156,21 +184,33 @@ fn tanh_forward(x: &[f32], out: &mut [f32]) {
 }
 
 /// d tanh / dx = 1 − tanh², from y = tanh(x).
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
 fn tanh_backward(y: &[f32], g: &[f32], out: &mut [f32]) {
     for ((o, &yv), &gv) in out.iter_mut().zip(y).zip(g) {
         *o = gv * (1.0 - yv * yv);
     }
 }
 
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
-fn add_rows(out: &mut [f32], b: &[f32]) {
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+pub(super) fn add_rows(out: &mut [f32], b: &[f32]) {
     for row in out.chunks_exact_mut(b.len()) {
         row.iter_mut().zip(b).for_each(|(o, bv)| *o += bv);
     }
 }
 
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
 fn cross_entropy_rows(
     logits: &[f32],
     targets: &[u32],
@@ -184,7 +224,11 @@ fn cross_entropy_rows(
     }
 }
 
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
 fn cross_entropy_backward_rows(
     logits: &[f32],
     targets: &[u32],
