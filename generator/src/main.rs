@@ -451,10 +451,12 @@ fn sample(args: SampleArgs, device: &Device) -> anyhow::Result<()> {
 fn bench(args: BenchArgs, device: DeviceChoice) -> anyhow::Result<()> {
     use dlm_generator::bench::{bench, table, BenchRow};
     let shipped = ModelConfig::load(&args.model.join("config.json"))?;
+    // The model FINDINGS times PyTorch on: H = 128, 4 layers, no self-conditioning.
     let reference = ModelConfig {
         hidden: 128,
         layers: 4,
         heads: 4,
+        self_condition: false,
         ..shipped.clone()
     };
     let mut configs = vec![("shipped".to_string(), shipped.clone())];

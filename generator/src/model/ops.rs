@@ -434,13 +434,17 @@ fn fast_exp(x: f32) -> f32 {
     const LN2_LO: f32 = 1.428_606_8e-6;
     const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding and subtracting it rounds to an integer
     let x = x.max(-87.0).min(88.0);
-    let n = (x * LOG2_E + ROUND) - ROUND;
+    let k = x * LOG2_E + ROUND;
+    let n = k - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO; // |r| ≤ ln 2 / 2
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // n as an integer, read from k's low mantissa bits: `n as i32` is a saturating conversion
+    // that compiles to scalar code per lane and stops the loop vectorising.
+    let n_int = (k.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    p * f32::from_bits(((n_int + 127) as u32) << 23)
 }
 
 /// erf with absolute error below 1.5e-7 (Abramowitz & Stegun 7.1.26); libm's erff was 15% of a
