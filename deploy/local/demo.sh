@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on one machine: build, start a guide and the generator with the default models on
-# loopback, wait until both answer, send a demo request, print the texts, stop both cleanly.
+# loopback, wait until both are ready, send a demo request, print the texts, stop both cleanly.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 deploy/setup.sh
@@ -16,9 +16,8 @@ wait_port "$guide_port"
 target/release/dlm-generator serve --model models/e2e-small --port "$gen_port" --metrics-port 0 \
     --guide "e2e-semantic=http://127.0.0.1:$guide_port" &
 gen=$!
-wait_port "$gen_port"
 echo "--- 3 texts steered to food=Italian, area=riverside (seed 1):"
-target/release/dlm-generator generate --endpoint "http://127.0.0.1:$gen_port" \
+target/release/dlm-generator generate --endpoint "http://127.0.0.1:$gen_port" --wait-s 120 \
     --control food=Italian --control area=riverside --n 3 --seed 1
 echo "--- 3 texts of exactly 10 words, no control (seed 1):"
 target/release/dlm-generator generate --endpoint "http://127.0.0.1:$gen_port" --n 3 --seed 1 --length 10

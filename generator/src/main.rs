@@ -137,7 +137,8 @@ struct ServeArgs {
     /// Deadline of one guide call, in ms.
     #[arg(long, env = "DLM_GUIDE_TIMEOUT_MS", default_value_t = 5000)]
     guide_timeout_ms: u64,
-    /// At start-up, how long to keep trying a guide that cannot be reached yet, in s.
+    /// At start-up, how long to keep trying a guide that cannot be reached yet, in s (the port is
+    /// open meanwhile, health NOT_SERVING; the server exits with an error if a guide never comes).
     #[arg(long, env = "DLM_GUIDE_WAIT_S", default_value_t = 60)]
     guide_wait_s: u64,
 }
@@ -168,6 +169,10 @@ struct GenerateArgs {
     /// Print the whole response as JSON.
     #[arg(long, env = "DLM_JSON")]
     json: bool,
+    /// First wait up to this many seconds for the generator to report SERVING (it is NOT_SERVING
+    /// while its start-up guides register); 0 sends at once.
+    #[arg(long, env = "DLM_WAIT_S", default_value_t = 0)]
+    wait_s: u64,
 }
 
 #[derive(Args)]
@@ -598,6 +603,9 @@ fn serve(args: ServeArgs, device: &Device) -> anyhow::Result<()> {
             signature,
             std::time::Duration::from_millis(args.guide_timeout_ms),
         ));
+        // Guides are parsed now (a bad flag fails at once) and registered while the port is
+        // already open but NOT_SERVING: in a cluster a guide may start after the generator.
+        let mut specs = Vec::new();
         for spec in &args.guides {
             let (name, url) = spec.split_once('=').ok_or_else(|| {
                 anyhow::anyhow!("invalid argument `guide`: `{spec}` is not NAME=URL")
@@ -612,11 +620,28 @@ fn serve(args: ServeArgs, device: &Device) -> anyhow::Result<()> {
                 ),
                 None => (url, None),
             };
-            let wait = std::time::Duration::from_secs(args.guide_wait_s);
-            registry
-                .register_waiting(name, url, card.as_deref(), wait)
-                .await?;
+            registry.expect(name);
+            specs.push((name.to_string(), url.to_string(), card));
         }
+        let wait = std::time::Duration::from_secs(args.guide_wait_s);
+        let startup = {
+            let registry = Arc::clone(&registry);
+            async move {
+                let mut pending = tokio::task::JoinSet::new();
+                for (name, url, card) in specs {
+                    let registry = Arc::clone(&registry);
+                    pending.spawn(async move {
+                        registry
+                            .register_waiting(&name, &url, card.as_deref(), wait)
+                            .await
+                    });
+                }
+                while let Some(done) = pending.join_next().await {
+                    done??;
+                }
+                anyhow::Ok(())
+            }
+        };
         if args.metrics_port != 0 {
             metrics_exporter_prometheus::PrometheusBuilder::new()
                 .with_http_listener(std::net::SocketAddr::new(args.host, args.metrics_port))
@@ -642,6 +667,7 @@ fn serve(args: ServeArgs, device: &Device) -> anyhow::Result<()> {
         dlm_generator::server::serve(
             service,
             std::net::SocketAddr::new(args.host, args.port),
+            startup,
             shutdown_signal(),
         )
         .await
@@ -658,10 +684,44 @@ async fn shutdown_signal() {
     tracing::info!("shutting down: finishing in-flight requests");
 }
 
+/// Polls the standard gRPC health check at `endpoint` until it reports SERVING.
+async fn wait_serving(endpoint: &str, wait: std::time::Duration) -> anyhow::Result<()> {
+    use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient};
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut last;
+    loop {
+        let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())?
+            .connect()
+            .await;
+        match channel {
+            Ok(channel) => {
+                let check = HealthClient::new(channel)
+                    .check(tonic_health::pb::HealthCheckRequest::default())
+                    .await;
+                match check {
+                    Ok(r) if r.get_ref().status == ServingStatus::Serving as i32 => return Ok(()),
+                    Ok(r) => last = format!("{:?}", r.get_ref().status()),
+                    Err(s) => last = format!("{:?}: {}", s.code(), s.message()),
+                }
+            }
+            Err(e) => last = e.to_string(),
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{endpoint} did not report SERVING within {} s (last: {last})",
+            wait.as_secs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     use dlm_proto::dlm::v1 as pb;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
+        if args.wait_s > 0 {
+            wait_serving(&args.endpoint, std::time::Duration::from_secs(args.wait_s)).await?;
+        }
         let mut client = pb::generator_client::GeneratorClient::connect(args.endpoint.clone())
             .await
             .with_context(|| format!("connecting to {}", args.endpoint))?;

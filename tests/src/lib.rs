@@ -197,6 +197,12 @@ impl GeneratorServer {
     }
 
     async fn try_start(args: &[String]) -> Result<Self, String> {
+        let mut server = Self::spawn(args);
+        server.wait_serving().await.map(|()| server)
+    }
+
+    /// Starts the generator process without waiting for it.
+    pub fn spawn(args: &[String]) -> Self {
         let (port, metrics_port) = (free_port(), free_port());
         let child = Command::new(binary("dlm-generator"))
             .arg("serve")
@@ -212,33 +218,39 @@ impl GeneratorServer {
             .stderr(std::process::Stdio::inherit())
             .spawn()
             .expect("dlm-generator starts");
-        let mut server = Self {
+        Self {
             port,
             metrics_port,
             child,
-        };
+        }
+    }
+
+    /// The overall gRPC health status, once the port answers.
+    pub async fn health(&self) -> Option<i32> {
+        let ch = tonic::transport::Channel::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .ok()?;
+        let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
+        let r = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .ok()?;
+        Some(r.into_inner().status)
+    }
+
+    /// Waits (up to 60 s) until the generator reports SERVING.
+    pub async fn wait_serving(&mut self) -> Result<(), String> {
+        let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         loop {
-            if let Ok(ch) = tonic::transport::Channel::from_shared(server.url())
-                .unwrap()
-                .connect()
-                .await
-            {
-                let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
-                if let Ok(r) = health
-                    .check(tonic_health::pb::HealthCheckRequest {
-                        service: String::new(),
-                    })
-                    .await
-                {
-                    if r.into_inner().status
-                        == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-                    {
-                        return Ok(server);
-                    }
-                }
+            if self.health().await == Some(serving) {
+                return Ok(());
             }
-            if let Ok(Some(status)) = server.child.try_wait() {
+            if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(format!("dlm-generator exited at start-up: {status}"));
             }
             if std::time::Instant::now() > deadline {

@@ -343,8 +343,9 @@ async fn stream_reports_progress_then_the_result() {
     assert_eq!(result.expect("a result").samples.len(), 2);
 }
 
-/// In a cluster the generator may start before its guide: it keeps trying for --guide-wait-s, then
-/// serves guided requests; with nobody answering in that time it stops with an error naming the guide.
+/// In a cluster the generator may start before its guide: it keeps trying for --guide-wait-s with its
+/// port open but NOT_SERVING, then serves guided requests; with nobody answering in that time it
+/// stops with an error naming the guide.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_generator_waits_for_a_guide_that_starts_later() {
     let port = dlm_tests::free_port();
@@ -371,23 +372,60 @@ async fn the_generator_waits_for_a_guide_that_starts_later() {
         "no retry was logged: {stderr}"
     );
 
+    // Meanwhile the port is open and says NOT_SERVING; unguided requests are served, and one
+    // that names the awaited guide gets UNAVAILABLE (not "unknown guide").
     let args = ["--guide".into(), url, "--guide-wait-s".into(), "60".into()];
-    let generator = tokio::spawn(async move { GeneratorServer::start(&args).await });
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut generator = GeneratorServer::spawn(&args);
+    let not_serving = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+    let mut status = None;
+    for _ in 0..300 {
+        status = generator.health().await;
+        if status.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, Some(not_serving), "health before the guide exists");
+    let mut client = generator.client().await;
+    let describe = client
+        .describe(pb::DescribeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert!(
-        !generator.is_finished(),
-        "the generator was healthy before its guide existed"
+        !describe.ready,
+        "Describe says ready before the guide exists"
     );
+    let err = client
+        .generate(request(1, 20, 1, &["area=riverside"]))
+        .await
+        .expect_err("a guided request before the guide exists");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains(GUIDE), "{}", err.message());
+    client
+        .generate(request(1, 5, 1, &[]))
+        .await
+        .expect("an unguided request while waiting for the guide");
+
     let _guide = GuideServer::start_on(
         port,
         &repo_root().join("models/guides"),
         &["--poll-ms", "0"],
     )
     .await;
-    let generator = generator.await.unwrap();
-    let resp = generator
-        .client()
+    generator
+        .wait_serving()
         .await
+        .expect("SERVING once the guide is up");
+    assert!(
+        client
+            .describe(pb::DescribeRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready
+    );
+    let resp = client
         .generate(request(1, 20, 1, &["area=riverside"]))
         .await
         .expect("a guided request once the guide is up")

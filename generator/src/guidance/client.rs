@@ -283,6 +283,8 @@ where
 pub struct GuideRegistry {
     signature: ModelSignature,
     guides: RwLock<HashMap<String, Arc<RegisteredGuide>>>,
+    /// Guides named at start-up that are not registered yet (see `expect`).
+    pending: RwLock<std::collections::BTreeSet<String>>,
     timeout: Duration,
 }
 
@@ -291,8 +293,21 @@ impl GuideRegistry {
         Self {
             signature,
             guides: RwLock::new(HashMap::new()),
+            pending: RwLock::new(Default::default()),
             timeout,
         }
+    }
+
+    /// Marks a guide as on its way (named at start-up, registration under way): until
+    /// [`register_waiting`](Self::register_waiting) for it ends, a request that names it gets
+    /// UNAVAILABLE rather than "unknown guide", and [`pending`](Self::pending) lists it.
+    pub fn expect(&self, name: &str) {
+        self.pending.write().unwrap().insert(name.to_string());
+    }
+
+    /// The guides named at start-up that are not registered yet.
+    pub fn pending(&self) -> Vec<String> {
+        self.pending.read().unwrap().iter().cloned().collect()
     }
 
     /// [`register`](Self::register), retried while the guide cannot be reached (in a cluster it may
@@ -307,7 +322,7 @@ impl GuideRegistry {
     ) -> Result<Arc<RegisteredGuide>> {
         let deadline = tokio::time::Instant::now() + wait;
         let mut backoff = Duration::from_millis(250);
-        loop {
+        let done = loop {
             match self.register(name, url, card_json).await {
                 Err(Error::Unavailable(message))
                     if tokio::time::Instant::now() + backoff < deadline =>
@@ -317,9 +332,11 @@ impl GuideRegistry {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
-                done => return done,
+                done => break done,
             }
-        }
+        };
+        self.pending.write().unwrap().remove(name);
+        done
     }
 
     /// Connects to a guide (`url` = http://host:port[/model], model defaulting to `name`), reads its
@@ -414,6 +431,11 @@ impl GuideRegistry {
     pub fn get(&self, name: &str) -> Result<Arc<RegisteredGuide>> {
         let guides = self.guides.read().unwrap();
         guides.get(name).cloned().ok_or_else(|| {
+            if self.pending.read().unwrap().contains(name) {
+                return Error::Unavailable(format!(
+                    "guide `{name}` is not registered yet: the generator is still waiting for it"
+                ));
+            }
             let mut names: Vec<&String> = guides.keys().collect();
             names.sort();
             Error::invalid(

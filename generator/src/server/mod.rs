@@ -29,6 +29,8 @@ pub struct GeneratorService {
     engine: EngineHandle,
     guides: Arc<GuideRegistry>,
     limits: Limits,
+    /// Set by [`serve`] once the start-up guides are registered.
+    ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl GeneratorService {
@@ -43,6 +45,7 @@ impl GeneratorService {
             engine,
             guides,
             limits,
+            ready: Arc::default(),
         }
     }
 
@@ -325,7 +328,7 @@ impl Generator for GeneratorService {
         Ok(Response::new(pb::DescribeResponse {
             model: Some(model),
             guides,
-            ready: true,
+            ready: self.ready.load(std::sync::atomic::Ordering::Acquire),
         }))
     }
 
@@ -378,16 +381,53 @@ where
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
-/// Serves until `shutdown` resolves, then finishes in-flight requests.
+/// Serves until `shutdown` resolves, then finishes in-flight requests. The port opens at once,
+/// NOT_SERVING (health, and `Describe.ready` false) until `startup` — the start-up guides'
+/// registration — succeeds; if it fails, the server stops with its error.
 pub async fn serve(
     service: GeneratorService,
     addr: SocketAddr,
+    startup: impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    use tonic_health::ServingStatus;
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<GeneratorServer<GeneratorService>>()
-        .await;
+    let generator_name = <GeneratorServer<GeneratorService> as tonic::server::NamedService>::NAME;
+    for name in ["", generator_name] {
+        health
+            .set_service_status(name, ServingStatus::NotServing)
+            .await;
+    }
+    let ready = Arc::clone(&service.ready);
+    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
+    tokio::spawn(async move {
+        match startup.await {
+            Ok(()) => {
+                ready.store(true, std::sync::atomic::Ordering::Release);
+                for name in ["", generator_name] {
+                    health
+                        .set_service_status(name, ServingStatus::Serving)
+                        .await;
+                }
+                tracing::info!("ready: SERVING");
+            }
+            Err(e) => {
+                let _ = failed_tx.send(e);
+            }
+        }
+    });
+    let failure = Arc::new(std::sync::Mutex::new(None));
+    let stop = {
+        let failure = Arc::clone(&failure);
+        async move {
+            tokio::select! {
+                _ = shutdown => {}
+                Ok(e) = failed_rx => {
+                    *failure.lock().unwrap() = Some(e);
+                }
+            }
+        }
+    };
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(dlm_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -397,8 +437,11 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(GeneratorServer::new(service))
-        .serve_with_shutdown(addr, shutdown)
+        .serve_with_shutdown(addr, stop)
         .await?;
+    if let Some(e) = failure.lock().unwrap().take() {
+        return Err(e);
+    }
     tracing::info!("dlm-generator stopped");
     Ok(())
 }
