@@ -105,6 +105,9 @@ impl DiffusionLm {
 
     /// The clamping trick: replaces every vector by its nearest word embedding (L2).
     pub fn clamp_to_embeddings(&self, x0: &Tensor) -> candle_core::Result<Tensor> {
+        if x0.device().is_cpu() {
+            return super::ops::nearest_rows(x0, &self.embedding);
+        }
         let (b, l, d) = x0.dims3()?;
         let flat = x0.reshape((b * l, d))?;
         // ‖x − e‖² = ‖x‖² − 2x·e + ‖e‖²; ‖x‖² is the same for every e, so it can be left out.

@@ -13,6 +13,8 @@ use candle_core::{
 };
 use multiversion::multiversion;
 
+use super::matmul::{matmul, View};
+
 const LN_EPS: f32 = 1e-5;
 
 pub(super) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -656,6 +658,58 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Each row of x [.., D] replaced by its nearest row of `table` [V, D] (L2), on the CPU. Rows go
+/// through in blocks, so that the block's V distances stay in cache for the argmin instead of a
+/// [N, V] distance matrix making four passes through memory. No gradient (sampling only).
+pub fn nearest_rows(x: &Tensor, table: &Tensor) -> Result<Tensor> {
+    const BLOCK: usize = 128;
+    let (v, d) = table.dims2()?;
+    let shape = x.shape().clone();
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let table_rows = table.flatten_all()?.to_vec1::<f32>()?;
+    if xs.len() % d != 0 || shape.dims()[shape.rank() - 1] != d {
+        candle_core::bail!("nearest_rows: rows of {shape:?} are not {d} wide");
+    }
+    let n = xs.len() / d;
+    // ‖x − e‖² = ‖x‖² − 2x·e + ‖e‖²; ‖x‖² is the same for every e, so it is left out.
+    let sq: Vec<f32> = table_rows
+        .chunks_exact(d)
+        .map(|e| e.iter().map(|a| a * a).sum())
+        .collect();
+    let mut dots = vec![0f32; BLOCK * v];
+    let mut out = Vec::with_capacity(xs.len());
+    for first in (0..n).step_by(BLOCK) {
+        let rows = BLOCK.min(n - first);
+        matmul(
+            &mut dots,
+            View::rows_of(rows, v, v),
+            &xs[first * d..],
+            View::rows_of(rows, d, d),
+            &table_rows,
+            View::rows_of(v, d, d).t(),
+            -2.0,
+            false,
+        );
+        for row in dots[..rows * v].chunks_exact(v) {
+            let best = nearest_index(row, &sq);
+            out.extend_from_slice(&table_rows[best * d..(best + 1) * d]);
+        }
+    }
+    Tensor::from_vec(out, shape, x.device())
+}
+
+/// argmin over e of (−2·x·e) + ‖e‖², the first on ties.
+fn nearest_index(neg2_dots: &[f32], sq: &[f32]) -> usize {
+    let mut best = (0, f32::INFINITY);
+    for (i, (a, b)) in neg2_dots.iter().zip(sq).enumerate() {
+        let dist = a + b;
+        if dist < best.1 {
+            best = (i, dist);
+        }
+    }
+    best.0
+}
+
 /// tanh.
 pub fn tanh(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() {
@@ -841,5 +895,32 @@ mod tests {
         let gs = slow.backward().unwrap();
         let d = max_abs_diff(gf.get(&logits).unwrap(), gs.get(&logits).unwrap());
         assert!(d < 1e-6, "cross-entropy gradient differs by {d}");
+    }
+
+    /// The blocked nearest-row search picks what the full distance matrix picks, over more
+    /// rows than one block.
+    #[test]
+    fn nearest_rows_matches_the_distance_matrix() {
+        let dev = Device::Cpu;
+        let table = Tensor::randn(0f32, 1.0, (50, 8), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (3, 100, 8), &dev).unwrap();
+        let got = nearest_rows(&x, &table).unwrap();
+        let flat = x.reshape((300, 8)).unwrap();
+        let dist = flat
+            .unsqueeze(1)
+            .unwrap()
+            .broadcast_sub(&table.unsqueeze(0).unwrap())
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum(2)
+            .unwrap();
+        let want = table
+            .index_select(&dist.argmin(1).unwrap(), 0)
+            .unwrap()
+            .reshape((3, 100, 8))
+            .unwrap();
+        assert_eq!(got.dims(), &[3, 100, 8]);
+        assert_eq!(max_abs_diff(&got, &want), 0.0);
     }
 }
