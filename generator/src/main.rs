@@ -234,6 +234,10 @@ struct TrainArgs {
     grad_clip: f64,
     #[arg(long, env = "DLM_SEED", default_value_t = 0)]
     seed: u64,
+    /// Draw training timesteps as ⌊T·u^p⌋ (u uniform): 1 = uniform over t (the paper); p > 1 puts
+    /// more of the batch at low noise.
+    #[arg(long, env = "DLM_T_POWER", default_value_t = 1.0)]
+    t_power: f64,
     /// Minimum count of a word in the train references to enter the vocabulary (the paper's 10).
     #[arg(long, env = "DLM_MIN_COUNT", default_value_t = 10)]
     min_count: u64,
@@ -394,6 +398,7 @@ fn train(args: TrainArgs, device: &Device) -> anyhow::Result<()> {
         ema_decay: args.ema_decay,
         grad_clip: args.grad_clip,
         seed: args.seed,
+        t_power: args.t_power,
     };
     let texts = data::references(&args.data_dir, data::TRAIN_FILE)?;
     let trainer = Trainer {

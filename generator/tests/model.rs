@@ -103,6 +103,7 @@ fn train_tiny(
             ema_decay: 0.99,
             grad_clip: 1.0,
             seed: 7,
+            t_power: 1.0,
         },
         out: out.to_path_buf(),
         log_every: 10,
