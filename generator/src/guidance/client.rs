@@ -284,7 +284,7 @@ pub struct GuideRegistry {
     signature: ModelSignature,
     guides: RwLock<HashMap<String, Arc<RegisteredGuide>>>,
     /// Guides named at start-up that are not registered yet (see `expect`).
-    pending: RwLock<std::collections::BTreeSet<String>>,
+    pending: RwLock<std::collections::HashSet<String>>,
     timeout: Duration,
 }
 
@@ -300,14 +300,9 @@ impl GuideRegistry {
 
     /// Marks a guide as on its way (named at start-up, registration under way): until
     /// [`register_waiting`](Self::register_waiting) for it ends, a request that names it gets
-    /// UNAVAILABLE rather than "unknown guide", and [`pending`](Self::pending) lists it.
+    /// UNAVAILABLE rather than "unknown guide".
     pub fn expect(&self, name: &str) {
         self.pending.write().unwrap().insert(name.to_string());
-    }
-
-    /// The guides named at start-up that are not registered yet.
-    pub fn pending(&self) -> Vec<String> {
-        self.pending.read().unwrap().iter().cloned().collect()
     }
 
     /// [`register`](Self::register), retried while the guide cannot be reached (in a cluster it may

@@ -63,6 +63,17 @@ impl Dims {
         )
     }
 
+    /// An [L, L] matrix (scores or weights of one head), row-major.
+    fn square(&self) -> View {
+        View::rows_of(self.len, self.len, self.len)
+    }
+
+    /// Two [L, L] buffers (scores, weights) and their view.
+    fn square_scratch(&self) -> (Vec<f32>, Vec<f32>, View) {
+        let n = self.len * self.len;
+        (vec![0f32; n], vec![0f32; n], self.square())
+    }
+
     fn scale(&self) -> f32 {
         1.0 / (self.head_dim as f32).sqrt()
     }
@@ -78,10 +89,9 @@ impl Dims {
         probs: &mut [f32],
     ) {
         let (at, hv) = self.head(seq, head);
-        let square = View::rows_of(self.len, self.len, self.len);
         matmul(
             scores,
-            square,
+            self.square(),
             &q[at..],
             hv,
             &k[at..],
@@ -91,6 +101,25 @@ impl Dims {
         );
         softmax_rows(scores, self.len, probs);
     }
+}
+
+/// The q, k and v storages of one call, checked to share one [B, L, H] shape, with its dims.
+fn qkv_operands<'a>(
+    op: &str,
+    heads: usize,
+    (sq, lq): (&'a CpuStorage, &Layout),
+    (sk, lk): (&'a CpuStorage, &Layout),
+    (sv, lv): (&'a CpuStorage, &Layout),
+) -> Result<(&'a [f32], &'a [f32], &'a [f32], Dims)> {
+    if lk.shape() != lq.shape() || lv.shape() != lq.shape() {
+        candle_core::bail!("{op}: q, k and v shapes differ");
+    }
+    Ok((
+        contiguous_f32(sq, lq, op)?,
+        contiguous_f32(sk, lk, op)?,
+        contiguous_f32(sv, lv, op)?,
+        Dims::of(lq, heads)?,
+    ))
 }
 
 struct FusedAttention {
@@ -111,19 +140,9 @@ impl CustomOp3 for FusedAttention {
         sv: &CpuStorage,
         lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (
-            contiguous_f32(sq, lq, self.name())?,
-            contiguous_f32(sk, lk, self.name())?,
-            contiguous_f32(sv, lv, self.name())?,
-        );
-        if lk.shape() != lq.shape() || lv.shape() != lq.shape() {
-            candle_core::bail!("attention: q, k and v shapes differ");
-        }
-        let d = Dims::of(lq, self.heads)?;
+        let (q, k, v, d) = qkv_operands(self.name(), self.heads, (sq, lq), (sk, lk), (sv, lv))?;
         let mut out = vec![0f32; q.len()];
-        let mut scores = vec![0f32; d.len * d.len];
-        let mut probs = vec![0f32; d.len * d.len];
-        let square = View::rows_of(d.len, d.len, d.len);
+        let (mut scores, mut probs, square) = d.square_scratch();
         for seq in 0..d.batch {
             for head in 0..d.heads {
                 d.weights(q, k, seq, head, &mut scores, &mut probs);
@@ -177,24 +196,17 @@ impl CustomOp3 for FusedAttentionBackward {
         sv: &CpuStorage,
         lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (
-            contiguous_f32(sq, lq, self.name())?,
-            contiguous_f32(sk, lk, self.name())?,
-            contiguous_f32(sv, lv, self.name())?,
-        );
+        let (q, k, v, d) = qkv_operands(self.name(), self.heads, (sq, lq), (sk, lk), (sv, lv))?;
         let (grad_storage, grad_layout) = self.grad.storage_and_layout();
         let g = match &*grad_storage {
             Storage::Cpu(s) => contiguous_f32(s, grad_layout, self.name())?,
             _ => candle_core::bail!("attention backward: gradient is not on the CPU"),
         };
-        let d = Dims::of(lq, self.heads)?;
         let n = q.len();
         let mut out = vec![0f32; 3 * n];
         let (dq, rest) = out.split_at_mut(n);
         let (dk, dv) = rest.split_at_mut(n);
-        let mut scores = vec![0f32; d.len * d.len];
-        let mut probs = vec![0f32; d.len * d.len];
-        let square = View::rows_of(d.len, d.len, d.len);
+        let (mut scores, mut probs, square) = d.square_scratch();
         for seq in 0..d.batch {
             for head in 0..d.heads {
                 d.weights(q, k, seq, head, &mut scores, &mut probs);
@@ -251,20 +263,8 @@ impl CustomOp3 for FusedAttentionBackward {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::testing::max_abs_diff;
     use candle_core::{Device, Var};
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 
     /// The fused kernel against the composition of candle ops (the path other devices take),
     /// forward and backward.

@@ -5,7 +5,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, T
 use candle_nn::{Init, VarBuilder};
 
 use super::matmul::{matmul, View};
-use super::ops::{add_rows, bias_add, contiguous_f32, layer_norm};
+use super::ops::{add_rows, bias_add, contiguous_f32, layer_norm, unpack_gradients};
 
 /// A dense layer y = x·Wᵀ + b over the last dimension, computed as one 2-D matrix product on the
 /// flattened rows (the layout both candle and an ONNX export run fastest).
@@ -125,21 +125,17 @@ impl CustomOp3 for Dense {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // One kernel computes all three gradients, packed as [dx (N·I), dW (O·I), db (O)].
         let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &DenseBackward)?;
-        let (nx, nw) = (x.elem_count(), w.elem_count());
-        let dx = packed.narrow(0, 0, nx)?.reshape(x.shape())?;
-        let dw = packed.narrow(0, nx, nw)?.reshape(w.shape())?;
-        let db = packed.narrow(0, nx + nw, w.dim(0)?)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        unpack_gradients(&packed, [x.shape(), w.shape(), b.shape()])
     }
 }
 
-/// dx = g·W, dW = gᵀ·x, db = Σ_rows g, for the output gradient g [N, O].
+/// dx = g·W, dW = gᵀ·x, db = Σ_rows g, for the output gradient g [N, O], packed as
+/// [dx (N·I), dW (O·I), db (O)].
 struct DenseBackward;
 
 impl CustomOp3 for DenseBackward {
@@ -227,20 +223,8 @@ pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::testing::max_abs_diff;
     use candle_core::{Device, Var};
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 
     /// The fused dense kernel against matmul + broadcast add, forward and all three gradients.
     #[test]

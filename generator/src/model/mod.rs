@@ -13,3 +13,23 @@ pub mod ops;
 
 pub use config::ModelConfig;
 pub use diffusion_lm::{DiffusionLm, LoadedModel};
+
+/// Helpers for the fused kernels' tests.
+#[cfg(test)]
+mod testing {
+    use candle_core::Tensor;
+
+    /// max |a − b| over all elements.
+    pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+}

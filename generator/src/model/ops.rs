@@ -279,22 +279,33 @@ impl CustomOp3 for LayerNormOp {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // One kernel computes all three gradients, packed as [dx (N·H), dw (H), db (H)].
         let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormBackward)?;
-        let (n, h) = (x.elem_count(), w.elem_count());
-        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dw = packed.narrow(0, n, h)?;
-        let db = packed.narrow(0, n + h, h)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        unpack_gradients(&packed, [x.shape(), w.shape(), b.shape()])
     }
 }
 
+/// The gradients of a three-input op from one fused backward kernel, which returns them packed
+/// end to end in a 1-D buffer: split in order and shaped as the inputs.
+pub(super) fn unpack_gradients(
+    packed: &Tensor,
+    shapes: [&Shape; 3],
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let mut start = 0;
+    let mut next = |shape: &Shape| -> Result<Option<Tensor>> {
+        let n = shape.elem_count();
+        let part = packed.narrow(0, start, n)?.reshape(shape)?;
+        start += n;
+        Ok(Some(part))
+    };
+    Ok((next(shapes[0])?, next(shapes[1])?, next(shapes[2])?))
+}
+
 /// With x̂ = (x − mean)·rstd and g' = g·w:  dx = rstd · (g' − mean(g') − x̂ · mean(g'·x̂)),
-/// dw = Σ_rows g·x̂,  db = Σ_rows g.
+/// dw = Σ_rows g·x̂,  db = Σ_rows g, packed as [dx (N·H), dw (H), db (H)].
 struct LayerNormBackward;
 
 impl CustomOp3 for LayerNormBackward {
@@ -465,35 +476,62 @@ fn erf(x: f32) -> f32 {
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
+/// An element-wise op whose backward pass needs only one saved tensor and the output gradient:
+/// GELU (d/dx = Φ(x) + x φ(x), from its input) and tanh (1 − y², from its output).
+#[derive(Clone, Copy)]
+struct Elementwise {
+    name: &'static str,
+    backward_name: &'static str,
+    forward: fn(&[f32], &mut [f32]),
+    /// (saved, g, out): out = g · dy/dx, where `saved` is the input or the output (`saves_output`).
+    backward: fn(&[f32], &[f32], &mut [f32]),
+    saves_output: bool,
+}
+
 /// GELU with the exact (erf) form: x · Φ(x).
-struct Gelu;
+const GELU: Elementwise = Elementwise {
+    name: "dlm-gelu",
+    backward_name: "dlm-gelu-bwd",
+    forward: gelu_forward,
+    backward: gelu_backward,
+    saves_output: false,
+};
 
-impl CustomOp1 for Gelu {
+const TANH: Elementwise = Elementwise {
+    name: "dlm-tanh",
+    backward_name: "dlm-tanh-bwd",
+    forward: tanh_forward,
+    backward: tanh_backward,
+    saves_output: true,
+};
+
+impl CustomOp1 for Elementwise {
     fn name(&self) -> &'static str {
-        "dlm-gelu"
+        self.name
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s, l, self.name())?;
+        let x = contiguous_f32(s, l, self.name)?;
         let mut out = vec![0f32; x.len()];
-        gelu_forward(x, &mut out);
+        (self.forward)(x, &mut out);
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(arg.apply_op2_no_bwd(
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let saved = if self.saves_output { res } else { arg };
+        Ok(Some(saved.apply_op2_no_bwd(
             &grad_res.contiguous()?,
-            &GeluBackward,
+            &ElementwiseBackward(*self),
         )?))
     }
 }
 
-/// d gelu / dx = Φ(x) + x φ(x).
-struct GeluBackward;
+/// (saved, g) → the input's gradient, for an [`Elementwise`] op.
+struct ElementwiseBackward(Elementwise);
 
-impl CustomOp2 for GeluBackward {
+impl CustomOp2 for ElementwiseBackward {
     fn name(&self) -> &'static str {
-        "dlm-gelu-bwd"
+        self.0.backward_name
     }
 
     fn cpu_fwd(
@@ -503,55 +541,10 @@ impl CustomOp2 for GeluBackward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s1, l1, self.name())?;
+        let saved = contiguous_f32(s1, l1, self.name())?;
         let g = contiguous_f32(s2, l2, self.name())?;
-        let mut out = vec![0f32; x.len()];
-        gelu_backward(x, g, &mut out);
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
-}
-
-/// tanh, element-wise.
-struct Tanh;
-
-impl CustomOp1 for Tanh {
-    fn name(&self) -> &'static str {
-        "dlm-tanh"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s, l, self.name())?;
-        let mut out = vec![0f32; x.len()];
-        tanh_forward(x, &mut out);
-        Ok((CpuStorage::F32(out), l.shape().clone()))
-    }
-
-    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(res.apply_op2_no_bwd(
-            &grad_res.contiguous()?,
-            &TanhBackward,
-        )?))
-    }
-}
-
-struct TanhBackward;
-
-impl CustomOp2 for TanhBackward {
-    fn name(&self) -> &'static str {
-        "dlm-tanh-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let y = contiguous_f32(s1, l1, self.name())?;
-        let g = contiguous_f32(s2, l2, self.name())?;
-        let mut out = vec![0f32; y.len()];
-        tanh_backward(y, g, &mut out);
+        let mut out = vec![0f32; saved.len()];
+        (self.0.backward)(saved, g, &mut out);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -652,7 +645,7 @@ pub fn bias_add(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
 /// GELU (erf form).
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() {
-        x.contiguous()?.apply_op1(Gelu)
+        x.contiguous()?.apply_op1(GELU)
     } else {
         x.gelu_erf()
     }
@@ -713,7 +706,7 @@ fn nearest_index(neg2_dots: &[f32], sq: &[f32]) -> usize {
 /// tanh.
 pub fn tanh(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() {
-        x.contiguous()?.apply_op1(Tanh)
+        x.contiguous()?.apply_op1(TANH)
     } else {
         x.tanh()
     }
@@ -753,6 +746,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::testing::max_abs_diff;
 
     #[test]
     fn fast_exp_matches_libm() {
@@ -768,19 +762,6 @@ mod tests {
         assert!(fast_exp(1000.0).is_finite());
     }
     use candle_core::{Device, Var};
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 
     #[test]
     fn fused_ops_match_the_compositions_forward_and_backward() {
