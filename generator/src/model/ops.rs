@@ -30,28 +30,43 @@ pub(super) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Res
 
 const LANES: usize = 16;
 
-/// Σ f(i) over 0..n, accumulated in 16 independent lanes.
+/// Σ f(x) over xs, accumulated in 16 independent lanes. Whole chunks are fixed-size arrays, so
+/// the compiler sees no bounds checks and keeps the lanes in one vector register.
 #[inline(always)]
-fn lane_sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let (chunks, tail) = xs.as_chunks::<LANES>();
     let mut acc = [0f32; LANES];
-    let full = n / LANES * LANES;
-    for base in (0..full).step_by(LANES) {
-        for (lane, a) in acc.iter_mut().enumerate() {
-            *a += f(base + lane);
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f(v);
         }
     }
-    acc.iter().sum::<f32>() + (full..n).map(f).sum::<f32>()
+    acc.iter().sum::<f32>() + tail.iter().map(|&v| f(v)).sum::<f32>()
+}
+
+/// Σ a·b, in 16 independent lanes.
+#[inline(always)]
+fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let (ac, at) = a.as_chunks::<LANES>();
+    let (bc, bt) = b.as_chunks::<LANES>();
+    let mut acc = [0f32; LANES];
+    for (x, y) in ac.iter().zip(bc) {
+        for ((s, &u), &v) in acc.iter_mut().zip(x).zip(y) {
+            *s += u * v;
+        }
+    }
+    acc.iter().sum::<f32>() + at.iter().zip(bt).map(|(&u, &v)| u * v).sum::<f32>()
 }
 
 /// max of xs, in 16 independent lanes.
 #[inline(always)]
 fn lane_max(xs: &[f32]) -> f32 {
+    let (chunks, tail) = xs.as_chunks::<LANES>();
     let mut acc = [f32::NEG_INFINITY; LANES];
-    let chunks = xs.chunks_exact(LANES);
-    let tail = chunks.remainder();
     for c in chunks {
-        for (a, v) in acc.iter_mut().zip(c) {
-            *a = if *v > *a { *v } else { *a };
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = if v > *a { v } else { *a };
         }
     }
     acc.iter()
@@ -63,8 +78,8 @@ fn lane_max(xs: &[f32]) -> f32 {
 #[inline(always)]
 fn row_stats(row: &[f32]) -> (f32, f32) {
     let n = row.len() as f32;
-    let mean = lane_sum(row.len(), |i| row[i]) / n;
-    let var = lane_sum(row.len(), |i| (row[i] - mean) * (row[i] - mean)) / n;
+    let mean = lane_sum(row, |v| v) / n;
+    let var = lane_sum(row, |v| (v - mean) * (v - mean)) / n;
     (mean, 1.0 / (var + LN_EPS).sqrt())
 }
 
@@ -77,8 +92,8 @@ fn layer_norm_rows(x: &[f32], w: &[f32], b: &[f32], out: &mut [f32]) {
     let h = w.len();
     for (row, o) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
         let (mean, rstd) = row_stats(row);
-        for j in 0..h {
-            o[j] = (row[j] - mean) * rstd * w[j] + b[j];
+        for (((o, &v), &w), &b) in o.iter_mut().zip(row).zip(w).zip(b) {
+            *o = (v - mean) * rstd * w + b;
         }
     }
 }
@@ -98,6 +113,7 @@ fn layer_norm_backward_rows(
 ) {
     let h = w.len();
     let nf = h as f32;
+    let (dw, db) = (&mut dw[..h], &mut db[..h]); // lengths the compiler can see: no bounds checks below
     let mut xhat = vec![0f32; h];
     let mut gw = vec![0f32; h];
     for ((xr, gr), o) in x
@@ -112,10 +128,10 @@ fn layer_norm_backward_rows(
             dw[j] += gr[j] * xhat[j];
             db[j] += gr[j];
         }
-        let g_mean = lane_sum(h, |j| gw[j]) / nf;
-        let gx_mean = lane_sum(h, |j| gw[j] * xhat[j]) / nf;
-        for j in 0..h {
-            o[j] = rstd * (gw[j] - g_mean - xhat[j] * gx_mean);
+        let g_mean = lane_sum(&gw, |v| v) / nf;
+        let gx_mean = lane_dot(&gw, &xhat) / nf;
+        for ((o, &g), &xh) in o.iter_mut().zip(gw.iter()).zip(xhat.iter()) {
+            *o = rstd * (g - g_mean - xh * gx_mean);
         }
     }
 }
@@ -140,7 +156,7 @@ pub(super) fn softmax_rows(x: &[f32], n: usize, out: &mut [f32]) {
 ))]
 pub(super) fn softmax_backward_rows(y: &[f32], g: &mut [f32], n: usize) {
     for (yr, gr) in y.chunks_exact(n).zip(g.chunks_exact_mut(n)) {
-        let dot = lane_sum(n, |i| yr[i] * gr[i]);
+        let dot = lane_dot(yr, gr);
         gr.iter_mut()
             .zip(yr)
             .for_each(|(gv, yv)| *gv = yv * (*gv - dot));
@@ -566,7 +582,7 @@ fn softmax_row(row: &[f32], out: &mut [f32]) -> f32 {
     for (o, v) in out.iter_mut().zip(row) {
         *o = fast_exp(v - max);
     }
-    let sum = lane_sum(out.len(), |i| out[i]);
+    let sum = lane_sum(out, |v| v);
     let inv = 1.0 / sum;
     out.iter_mut().for_each(|v| *v *= inv);
     max + sum.ln()
