@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::device::{name as device_name, shards, synchronize};
 use crate::diffusion::sampler::sequence_rng;
 use crate::diffusion::{NoiseSchedule, Sampler, SamplerKind};
-use crate::model::diffusion_lm::build;
+use crate::model::diffusion_lm::{build, inference_model};
 use crate::model::ModelConfig;
 use crate::train::optim::{named_vars, AdamW, AdamWParams};
 use crate::train::step::{step_gradients, StepBatch};
@@ -84,6 +84,7 @@ pub fn bench(
         opt.step(&out.grads, 1e-4, 1.0)
     })?;
 
+    let model = inference_model(config, &varmap, device)?; // as served
     let sampler = Sampler::new(&model, 200, SamplerKind::Ddpm, true)?;
     let x = Tensor::randn(0f32, 1.0, (batch, l, config.embed_dim), device)?;
     let index = vec![100; batch];

@@ -8,7 +8,7 @@ use candle_nn::{Init, VarBuilder};
 
 use super::attention::multi_head_attention;
 use super::config::ModelConfig;
-use super::layers::{linear, timestep_embedding, LayerNorm, Linear};
+use super::layers::{linear, mlp_residual_inference, timestep_embedding, LayerNorm, Linear};
 use super::ops::{gelu, tanh};
 
 #[derive(Debug, Clone)]
@@ -63,7 +63,12 @@ impl Block {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = (x + self.attn.forward(&self.ln_attn.forward(x)?)?)?;
-        let mlp = gelu(&self.fc_in.forward(&self.ln_mlp.forward(&x)?)?)?;
+        let normed = self.ln_mlp.forward(&x)?;
+        if x.device().is_cpu() && !normed.track_op() {
+            // Inference (sampling with plain-tensor weights): nothing needs the hidden layer later.
+            return mlp_residual_inference(&normed, &self.fc_in, &self.fc_out, &x);
+        }
+        let mlp = gelu(&self.fc_in.forward(&normed)?)?;
         x + self.fc_out.forward(&mlp)?
     }
 }

@@ -125,7 +125,6 @@ impl DiffusionLm {
 pub struct LoadedModel {
     pub model: DiffusionLm,
     pub tokenizer: WordTokenizer,
-    pub varmap: VarMap,
     pub dir: PathBuf,
 }
 
@@ -149,13 +148,12 @@ impl LoadedModel {
                 ),
             ));
         }
-        let (model, varmap) = build(&config, device, 0)?;
-        let weights = dir.join(WEIGHTS_FILE);
-        load_weights(&varmap, &weights)?;
+        let (_, varmap) = build(&config, device, 0)?;
+        load_weights(&varmap, &dir.join(WEIGHTS_FILE))?;
+        let model = inference_model(&config, &varmap, device)?;
         Ok(Self {
             model,
             tokenizer,
-            varmap,
             dir: dir.to_path_buf(),
         })
     }
@@ -172,6 +170,23 @@ pub fn build(config: &ModelConfig, device: &Device, seed: u64) -> Result<(Diffus
     let vb = VarBuilder::from_backend(backend, DType::F32, device.clone());
     let model = DiffusionLm::new(config, vb)?;
     Ok((model, varmap))
+}
+
+/// The model over plain-tensor copies of `varmap`'s weights (sharing their storage): inference
+/// needs no gradients, and without variables candle records no graph and the CPU takes its
+/// inference kernels.
+pub fn inference_model(config: &ModelConfig, varmap: &VarMap, device: &Device) -> Result<DiffusionLm> {
+    let weights: HashMap<String, Tensor> = varmap
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
+        .collect();
+    Ok(DiffusionLm::new(
+        config,
+        VarBuilder::from_tensors(weights, DType::F32, device),
+    )?)
 }
 
 /// Overwrites every variable of `varmap` with the tensor of the same name in a safetensors file.

@@ -170,8 +170,25 @@ pub(super) fn softmax_backward_rows(y: &[f32], g: &mut [f32], n: usize) {
 ))]
 fn gelu_forward(x: &[f32], out: &mut [f32]) {
     for (o, &v) in out.iter_mut().zip(x) {
-        *o = 0.5 * v * (1.0 + erf(v * FRAC_1_SQRT_2));
+        *o = gelu_scalar(v);
     }
+}
+
+/// GELU in place, for the inference MLP whose hidden rows are overwritten where they lie.
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+pub(super) fn gelu_in_place(xs: &mut [f32]) {
+    for v in xs.iter_mut() {
+        *v = gelu_scalar(*v);
+    }
+}
+
+#[inline(always)]
+fn gelu_scalar(v: f32) -> f32 {
+    0.5 * v * (1.0 + erf(v * FRAC_1_SQRT_2))
 }
 
 #[multiversion(targets(
