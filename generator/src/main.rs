@@ -81,6 +81,49 @@ struct DeviceParityArgs {
     steps: usize,
 }
 
+/// Guidance settings of a request; unset ones take the server's defaults (the paper's).
+#[derive(Args, Clone)]
+struct GuidanceArgs {
+    /// Gradient steps on the latents per diffusion step (default 3).
+    #[arg(long, env = "DLM_GUIDANCE_STEPS")]
+    guidance_steps: Option<u32>,
+    /// Step size of each gradient step (default 0.1).
+    #[arg(long, env = "DLM_STEP_SIZE")]
+    step_size: Option<f32>,
+    /// The update rule: adagrad (default) or sign.
+    #[arg(long, env = "DLM_GUIDANCE_UPDATE", value_parser = ["adagrad", "sign"])]
+    guidance_update: Option<String>,
+    /// Fluency weight λ: the pull back towards the sampler's proposal (default 0.01).
+    #[arg(long, env = "DLM_FLUENCY_WEIGHT")]
+    fluency_weight: Option<f32>,
+    /// Guide from this sampling step down (counting down; default: from the first).
+    #[arg(long, env = "DLM_GUIDE_FROM")]
+    guide_from: Option<u32>,
+    /// Guide down to this sampling step (default: none in the last 10).
+    #[arg(long, env = "DLM_GUIDE_UNTIL")]
+    guide_until: Option<u32>,
+}
+
+impl GuidanceArgs {
+    fn to_proto(&self) -> Option<dlm_proto::dlm::v1::Guidance> {
+        use dlm_proto::dlm::v1::{Guidance, GuidanceUpdate};
+        let update = match self.guidance_update.as_deref() {
+            Some("sign") => GuidanceUpdate::Sign,
+            Some(_) => GuidanceUpdate::Adagrad,
+            None => GuidanceUpdate::Unspecified,
+        };
+        let g = Guidance {
+            steps_per_diffusion_step: self.guidance_steps,
+            step_size: self.step_size,
+            update: update as i32,
+            fluency_weight: self.fluency_weight,
+            start_step: self.guide_from,
+            stop_step: self.guide_until,
+        };
+        (g != Guidance::default()).then_some(g)
+    }
+}
+
 #[derive(Args)]
 struct EvalControlArgs {
     #[arg(long, env = "DLM_ENDPOINT", default_value = "http://127.0.0.1:8000")]
@@ -104,6 +147,8 @@ struct EvalControlArgs {
     seed: u64,
     #[arg(long, env = "DLM_WEIGHT")]
     weight: Option<f32>,
+    #[command(flatten)]
+    guidance: GuidanceArgs,
 }
 
 #[derive(Args)]
@@ -157,6 +202,8 @@ struct GenerateArgs {
     /// Weight of the guide's gradient.
     #[arg(long, env = "DLM_WEIGHT")]
     weight: Option<f32>,
+    #[command(flatten)]
+    guidance: GuidanceArgs,
     #[arg(long, env = "DLM_N", default_value_t = 3)]
     n: u32,
     #[arg(long, env = "DLM_SEED")]
@@ -741,6 +788,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             seed: args.seed,
             controls,
             length: args.length,
+            guidance: args.guidance.to_proto(),
             ..Default::default()
         };
         let resp = client.generate(req).await.map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?.into_inner();
@@ -801,10 +849,11 @@ fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
                 args.guide.clone(),
                 progress.clone(),
             );
-            let (n, steps, weight, seed) = (
+            let (n, steps, weight, guidance, seed) = (
                 args.n,
                 args.steps,
                 args.weight,
+                args.guidance.to_proto(),
                 args.seed * 1_000_003 + i as u64,
             );
             tasks.push(tokio::spawn(async move {
@@ -821,6 +870,7 @@ fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
                     targets: vec![format!("{f}={v}")],
                     weight,
                 }];
+                guided.guidance = guidance;
                 let texts = |r: pb::GenerateResponse| {
                     r.samples.into_iter().map(|s| s.text).collect::<Vec<_>>()
                 };

@@ -3,7 +3,7 @@
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use dlm_generator::diffusion::{NoiseSchedule, Sampler, SamplerKind, ScheduleKind};
-use dlm_generator::model::diffusion_lm::{build, save_model_dir, LoadedModel};
+use dlm_generator::model::diffusion_lm::{build, inference_model, save_model_dir, LoadedModel};
 use dlm_generator::model::ModelConfig;
 use dlm_generator::text::WordTokenizer;
 use dlm_generator::train::optim::named_vars;
@@ -316,4 +316,28 @@ fn loading_reports_missing_and_mismatched_files() {
         .unwrap()
         .to_string();
     assert!(err.contains("config.json"), "{err}");
+}
+
+/// The inference kernels (plain-tensor weights: packed q/k/v attention, residual-folded
+/// projections, the blocked MLP) give the training path's x0 predictions.
+#[test]
+fn inference_kernels_match_the_training_forward() {
+    let cfg = tiny_config(20);
+    let (trained, varmap) = build(&cfg, &Device::Cpu, 3).unwrap();
+    let served = inference_model(&cfg, &varmap, &Device::Cpu).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (5, cfg.seq_len, cfg.embed_dim), &Device::Cpu).unwrap();
+    let t = Tensor::new(&[0f32, 3.0, 20.0, 50.0, 99.0], &Device::Cpu).unwrap();
+    let previous = Tensor::randn(0f32, 1.0, x.shape(), &Device::Cpu).unwrap();
+    let a = trained.predict_x0(&x, &t, Some(&previous)).unwrap();
+    let b = served.predict_x0(&x, &t, Some(&previous)).unwrap();
+    assert!(a.track_op() && !b.track_op(), "the served model records no graph");
+    let diff = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff < 1e-4, "inference forward differs by {diff}");
 }

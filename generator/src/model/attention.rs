@@ -8,7 +8,9 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 
 use super::matmul::{matmul, View};
-use super::ops::{contiguous_f32, softmax_backward_rows, softmax_last_dim, softmax_rows};
+use super::ops::{
+    contiguous_f32, softmax_backward_rows, softmax_last_dim, softmax_rows, with_cpu_f32,
+};
 
 /// softmax(q·kᵀ / √d)·v per head, for q, k, v [B, L, H] with `heads` heads of H / heads dims.
 pub fn multi_head_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
@@ -41,6 +43,9 @@ struct Dims {
     hidden: usize,
     head_dim: usize,
     heads: usize,
+    /// Distance between the rows of q, k and v: H when each is its own [B, L, H] tensor, 3H
+    /// when they are the column blocks of one [B, L, 3H] product (inference).
+    in_stride: usize,
 }
 
 impl Dims {
@@ -52,6 +57,7 @@ impl Dims {
             hidden,
             head_dim: hidden / heads,
             heads,
+            in_stride: hidden,
         })
     }
 
@@ -60,6 +66,14 @@ impl Dims {
         (
             seq * self.len * self.hidden + head * self.head_dim,
             View::rows_of(self.len, self.head_dim, self.hidden),
+        )
+    }
+
+    /// The same for q, k or v, whose rows are `in_stride` apart.
+    fn input_head(&self, seq: usize, head: usize) -> (usize, View) {
+        (
+            seq * self.len * self.in_stride + head * self.head_dim,
+            View::rows_of(self.len, self.head_dim, self.in_stride),
         )
     }
 
@@ -88,7 +102,7 @@ impl Dims {
         scores: &mut [f32],
         probs: &mut [f32],
     ) {
-        let (at, hv) = self.head(seq, head);
+        let (at, hv) = self.input_head(seq, head);
         matmul(
             scores,
             self.square(),
@@ -101,6 +115,52 @@ impl Dims {
         );
         softmax_rows(scores, self.len, probs);
     }
+
+    /// The attention output [B, L, H] of q, k, v (rows `in_stride` apart).
+    fn forward(&self, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
+        let mut out = vec![0f32; self.batch * self.len * self.hidden];
+        let (mut scores, mut probs, square) = self.square_scratch();
+        for seq in 0..self.batch {
+            for head in 0..self.heads {
+                self.weights(q, k, seq, head, &mut scores, &mut probs);
+                let (at, ov) = self.head(seq, head);
+                let (vat, vv) = self.input_head(seq, head);
+                matmul(
+                    &mut out[at..],
+                    ov,
+                    &probs,
+                    square,
+                    &v[vat..],
+                    vv,
+                    1.0,
+                    false,
+                );
+            }
+        }
+        out
+    }
+}
+
+/// Attention for inference on the CPU over one [B, L, 3H] tensor holding q, k and v side by side
+/// (the output of one product with the stacked weights), read in place.
+pub fn packed_attention_inference(qkv: &Tensor, heads: usize) -> Result<Tensor> {
+    let (batch, len, three_h) = qkv.dims3()?;
+    let hidden = three_h / 3;
+    if three_h % 3 != 0 || hidden % heads != 0 {
+        candle_core::bail!("attention: {three_h} columns are not q, k, v of {heads} heads");
+    }
+    let d = Dims {
+        batch,
+        len,
+        hidden,
+        head_dim: hidden / heads,
+        heads,
+        in_stride: three_h,
+    };
+    let out = with_cpu_f32(&[&qkv.contiguous()?], |[qkv]| {
+        Ok(d.forward(qkv, &qkv[hidden..], &qkv[2 * hidden..]))
+    })?;
+    Tensor::from_vec(out, (batch, len, hidden), qkv.device())
 }
 
 /// The q, k and v storages of one call, checked to share one [B, L, H] shape, with its dims.
@@ -141,16 +201,7 @@ impl CustomOp3 for FusedAttention {
         lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (q, k, v, d) = qkv_operands(self.name(), self.heads, (sq, lq), (sk, lk), (sv, lv))?;
-        let mut out = vec![0f32; q.len()];
-        let (mut scores, mut probs, square) = d.square_scratch();
-        for seq in 0..d.batch {
-            for head in 0..d.heads {
-                d.weights(q, k, seq, head, &mut scores, &mut probs);
-                let (at, hv) = d.head(seq, head);
-                matmul(&mut out[at..], hv, &probs, square, &v[at..], hv, 1.0, false);
-            }
-        }
-        Ok((CpuStorage::F32(out), lq.shape().clone()))
+        Ok((CpuStorage::F32(d.forward(q, k, v)), lq.shape().clone()))
     }
 
     fn bwd(

@@ -6,9 +6,11 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use super::attention::multi_head_attention;
+use super::attention::{multi_head_attention, packed_attention_inference};
 use super::config::ModelConfig;
-use super::layers::{linear, mlp_residual_inference, timestep_embedding, LayerNorm, Linear};
+use super::layers::{
+    dense_residual_inference, linear, mlp_residual_inference, timestep_embedding, LayerNorm, Linear,
+};
 use super::ops::{gelu, tanh};
 
 #[derive(Debug, Clone)]
@@ -38,6 +40,15 @@ impl Attention {
         self.out
             .forward(&multi_head_attention(&q, &k, &v, self.heads)?)
     }
+
+    /// residual + forward(x) for inference on the CPU: q, k and v from one product with the
+    /// stacked weights (stacked per call: 3·H² floats, and never stale in training), read in
+    /// place by the attention kernel; the output projection accumulates onto residual + bias.
+    fn forward_residual_inference(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let qkv = Linear::stacked(&[&self.q, &self.k, &self.v])?.forward(x)?;
+        let context = packed_attention_inference(&qkv, self.heads)?;
+        dense_residual_inference(&context, &self.out, residual)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -62,13 +73,20 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = (x + self.attn.forward(&self.ln_attn.forward(x)?)?)?;
-        let normed = self.ln_mlp.forward(&x)?;
+        let normed = self.ln_attn.forward(x)?;
         if x.device().is_cpu() && !normed.track_op() {
-            // Inference (sampling with plain-tensor weights): nothing needs the hidden layer later.
-            return mlp_residual_inference(&normed, &self.fc_in, &self.fc_out, &x);
+            // Inference (plain-tensor weights, nothing recorded for a backward pass): kernels that
+            // keep no intermediate for gradients and fold the residual sums into the products.
+            let x = self.attn.forward_residual_inference(&normed, x)?;
+            return mlp_residual_inference(
+                &self.ln_mlp.forward(&x)?,
+                &self.fc_in,
+                &self.fc_out,
+                &x,
+            );
         }
-        let mlp = gelu(&self.fc_in.forward(&normed)?)?;
+        let x = (x + self.attn.forward(&normed)?)?;
+        let mlp = gelu(&self.fc_in.forward(&self.ln_mlp.forward(&x)?)?)?;
         x + self.fc_out.forward(&mlp)?
     }
 }

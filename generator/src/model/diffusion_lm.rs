@@ -175,7 +175,11 @@ pub fn build(config: &ModelConfig, device: &Device, seed: u64) -> Result<(Diffus
 /// The model over plain-tensor copies of `varmap`'s weights (sharing their storage): inference
 /// needs no gradients, and without variables candle records no graph and the CPU takes its
 /// inference kernels.
-pub fn inference_model(config: &ModelConfig, varmap: &VarMap, device: &Device) -> Result<DiffusionLm> {
+pub fn inference_model(
+    config: &ModelConfig,
+    varmap: &VarMap,
+    device: &Device,
+) -> Result<DiffusionLm> {
     let weights: HashMap<String, Tensor> = varmap
         .data()
         .lock()

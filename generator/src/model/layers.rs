@@ -1,14 +1,12 @@
 //! Differentiable building blocks. candle's fused layer norm and softmax drop gradients
 //! (FINDINGS); ours ([`super::ops`]) carry their own backward.
 
-use candle_core::{
-    CpuStorage, CustomOp3, DType, Device, Layout, Module, Result, Shape, Tensor, D,
-};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Module, Result, Shape, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
 use super::matmul::{matmul, View};
 use super::ops::{
-    add_rows, bias_add, contiguous_f32, gelu_in_place, layer_norm, unpack_gradients,
+    add_rows, bias_add, contiguous_f32, gelu_in_place, layer_norm, unpack_gradients, with_cpu_f32,
 };
 
 /// A dense layer y = x·Wᵀ + b over the last dimension, computed as one 2-D matrix product on the
@@ -60,6 +58,16 @@ impl Linear {
     fn out_features(&self) -> Result<usize> {
         self.weight.dim(0)
     }
+
+    /// One layer whose outputs are those of `layers` side by side (their weights stacked).
+    pub fn stacked(layers: &[&Linear]) -> Result<Linear> {
+        let weights: Vec<&Tensor> = layers.iter().map(|l| &l.weight).collect();
+        let biases: Vec<&Tensor> = layers.iter().map(|l| &l.bias).collect();
+        Ok(Linear {
+            weight: Tensor::cat(&weights, 0)?,
+            bias: Tensor::cat(&biases, 0)?,
+        })
+    }
 }
 
 /// Rows per block of the inference MLP: a block's [rows, 4H] hidden activations (512 KB at
@@ -79,59 +87,95 @@ pub fn mlp_residual_inference(
     let inp = dims[dims.len() - 1];
     let n = x.elem_count() / inp;
     let (hid, out) = (fc_in.out_features()?, fc_out.out_features()?);
-    let x = x.contiguous()?;
-    let residual = residual.contiguous()?;
+    let (x, residual) = (x.contiguous()?, residual.contiguous()?);
     if residual.elem_count() != n * out {
-        candle_core::bail!("mlp: residual {:?} does not fit {n} rows of {out}", residual.shape());
-    }
-    let tensors = [&x, &fc_in.weight, &fc_in.bias, &fc_out.weight, &fc_out.bias, &residual];
-    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
-    let mut slices = Vec::with_capacity(guards.len());
-    for (storage, layout) in &guards {
-        match &**storage {
-            candle_core::Storage::Cpu(s) => slices.push(contiguous_f32(s, layout, "mlp")?),
-            _ => candle_core::bail!("mlp: CPU tensors only"),
-        }
-    }
-    let [x, w1, b1, w2, b2, res] = slices[..] else {
-        unreachable!("six operands")
-    };
-    let mut y = Vec::with_capacity(n * out);
-    for r in res.chunks_exact(out) {
-        y.extend(r.iter().zip(b2).map(|(a, b)| a + b));
-    }
-    let mut hidden = vec![0f32; MLP_BLOCK_ROWS.min(n) * hid];
-    for start in (0..n).step_by(MLP_BLOCK_ROWS) {
-        let rows = MLP_BLOCK_ROWS.min(n - start);
-        let h = &mut hidden[..rows * hid];
-        for row in h.chunks_exact_mut(hid) {
-            row.copy_from_slice(b1);
-        }
-        matmul(
-            h,
-            View::rows_of(rows, hid, hid),
-            &x[start * inp..(start + rows) * inp],
-            View::rows_of(rows, inp, inp),
-            w1,
-            View::rows_of(hid, inp, inp).t(),
-            1.0,
-            true,
-        );
-        gelu_in_place(h);
-        matmul(
-            &mut y[start * out..(start + rows) * out],
-            View::rows_of(rows, out, out),
-            h,
-            View::rows_of(rows, hid, hid),
-            w2,
-            View::rows_of(out, hid, hid).t(),
-            1.0,
-            true,
+        candle_core::bail!(
+            "mlp: residual {:?} does not fit {n} rows of {out}",
+            residual.shape()
         );
     }
+    let operands = [
+        &x,
+        &fc_in.weight,
+        &fc_in.bias,
+        &fc_out.weight,
+        &fc_out.bias,
+        &residual,
+    ];
+    let y = with_cpu_f32(&operands, |[x, w1, b1, w2, b2, res]| {
+        let mut y = residual_plus_bias(res, b2);
+        let mut hidden = vec![0f32; MLP_BLOCK_ROWS.min(n) * hid];
+        for start in (0..n).step_by(MLP_BLOCK_ROWS) {
+            let rows = MLP_BLOCK_ROWS.min(n - start);
+            let h = &mut hidden[..rows * hid];
+            for row in h.chunks_exact_mut(hid) {
+                row.copy_from_slice(b1);
+            }
+            let x = &x[start * inp..(start + rows) * inp];
+            dense_onto(h, x, w1, rows, inp, hid);
+            gelu_in_place(h);
+            dense_onto(
+                &mut y[start * out..(start + rows) * out],
+                h,
+                w2,
+                rows,
+                hid,
+                out,
+            );
+        }
+        Ok(y)
+    })?;
     let mut out_dims = dims;
     *out_dims.last_mut().unwrap() = out;
     Tensor::from_vec(y, out_dims, &Device::Cpu)
+}
+
+/// `residual + fc(x)` over [N, H] rows, for inference on the CPU: the output starts as
+/// residual + bias and the product accumulates onto it (no separate sum).
+pub fn dense_residual_inference(x: &Tensor, fc: &Linear, residual: &Tensor) -> Result<Tensor> {
+    let dims = residual.dims().to_vec();
+    let (n, inp, out) = (
+        residual.elem_count() / dims[dims.len() - 1],
+        x.dim(D::Minus1)?,
+        fc.out_features()?,
+    );
+    let (x, residual) = (x.contiguous()?, residual.contiguous()?);
+    if x.elem_count() != n * inp || residual.elem_count() != n * out {
+        candle_core::bail!(
+            "dense: x {:?} and residual {:?} do not fit",
+            x.shape(),
+            residual.shape()
+        );
+    }
+    let y = with_cpu_f32(&[&x, &fc.weight, &fc.bias, &residual], |[x, w, b, res]| {
+        let mut y = residual_plus_bias(res, b);
+        dense_onto(&mut y, x, w, n, inp, out);
+        Ok(y)
+    })?;
+    Tensor::from_vec(y, dims, &Device::Cpu)
+}
+
+/// Rows of `residual` [N, O] each plus the bias [O].
+fn residual_plus_bias(residual: &[f32], bias: &[f32]) -> Vec<f32> {
+    let mut y = Vec::with_capacity(residual.len());
+    for r in residual.chunks_exact(bias.len()) {
+        y.extend(r.iter().zip(bias).map(|(a, b)| a + b));
+    }
+    y
+}
+
+/// y [N, O] += x [N, I] · Wᵀ for W [O, I].
+fn dense_onto(y: &mut [f32], x: &[f32], w: &[f32], n: usize, inp: usize, out: usize) {
+    matmul(
+        y,
+        View::rows_of(n, out, out),
+        x,
+        View::rows_of(n, inp, inp),
+        w,
+        View::rows_of(out, inp, inp).t(),
+        1.0,
+        true,
+    );
 }
 
 /// x [N, I] · Wᵀ + b for W [O, I], b [O], as one CPU kernel: the output starts as the bias rows
@@ -190,16 +234,7 @@ impl CustomOp3 for Dense {
         for _ in 0..n {
             y.extend_from_slice(b);
         }
-        matmul(
-            &mut y,
-            View::rows_of(n, out, out),
-            x,
-            View::rows_of(n, inp, inp),
-            w,
-            View::rows_of(out, inp, inp).t(),
-            1.0,
-            true,
-        );
+        dense_onto(&mut y, x, w, n, inp, out);
         Ok((CpuStorage::F32(y), Shape::from((n, out))))
     }
 
