@@ -101,6 +101,20 @@ class Realisation:
         return said and not (other is not None and self.realises(text_words, field, other))
 
 
+def replace_seq(hay: list[str], needle: list[str], by: list[str]) -> list[str] | None:
+    """hay with every occurrence of needle replaced by `by` (None when there is none)."""
+    out, i, found = [], 0, False
+    while i < len(hay):
+        if needle and hay[i:i + len(needle)] == needle:
+            out += by
+            i += len(needle)
+            found = True
+        else:
+            out.append(hay[i])
+            i += 1
+    return out if found else None
+
+
 def contains_seq(hay: list[str], needle: list[str]) -> bool:
     n = len(needle)
     return n > 0 and any(hay[i:i + n] == needle for i in range(len(hay) - n + 1))
@@ -228,6 +242,11 @@ def main() -> int:
     ap.add_argument("--labels", choices=["text", "mr"], default=env("DLM_LABELS", "text"),
                     help="text: field values as the reference says them (see text_aligned); mr: the meaning "
                          "representation's values as given [DLM_LABELS]")
+    ap.add_argument("--swap-names", type=float, default=float(env("DLM_SWAP_NAMES", "1.0")),
+                    help="per training reference, the chance of adding a copy with its restaurant names (name, "
+                         "near) replaced by other values of the same field: without it the guide reads a name "
+                         "from its usual context (coffee shop + Indian -> near Raja Indian Cuisine) and steers "
+                         "toward the context instead of the name; 0 = off [DLM_SWAP_NAMES]")
     ap.add_argument("--opset", type=int, default=int(env("DLM_OPSET", "21")), help="ONNX opset [DLM_OPSET]")
     ap.add_argument("--seed", type=int, default=int(env("DLM_SEED", "0")), help="[DLM_SEED]")
     args = ap.parse_args()
@@ -251,7 +270,26 @@ def main() -> int:
 
     said = Realisation(tok)
 
-    def dataset(rows):
+    swap_rng = np.random.default_rng(args.seed + 1)
+
+    def with_names_swapped(mr, ref):
+        """(mr, ref) with each said restaurant name replaced by another value of its field, or None."""
+        words, mr = said.words(ref), dict(mr)
+        changed = False
+        for f in ("name", "near"):
+            if f not in mr:
+                continue
+            others = [v for v in values[f] if v not in (mr[f], ABSENT)]
+            other = others[swap_rng.integers(len(others))]
+            replaced = replace_seq(words, said.phrase(mr[f]), said.phrase(other))
+            if replaced is not None:
+                words, mr[f], changed = replaced, other, True
+        return (mr, " ".join(words)) if changed else None
+
+    def dataset(rows, swap=0.0):
+        if swap > 0:
+            extra = [with_names_swapped(mr, ref) for mr, ref in rows if swap_rng.random() < swap]
+            rows = rows + [r for r in extra if r is not None]
         ids, labels = [], []
         for mr, ref in rows:
             e = encode(tok, ref, seq_len)
@@ -263,7 +301,7 @@ def main() -> int:
             labels.append([values[f].index(mr[f]) if mr.get(f) in values[f] else values[f].index(ABSENT) for f in FIELDS])
         return np.array(ids, np.int32), np.array(labels, np.int32)
 
-    train_ids, train_y = dataset(train)
+    train_ids, train_y = dataset(train, args.swap_names)
     dev_ids, dev_y = dataset(dev)
     print(f"train {len(train_ids)} / dev {len(dev_ids)} sequences, L={seq_len}, D={d}, T={steps_t}", file=sys.stderr)
 
@@ -375,7 +413,8 @@ def main() -> int:
         print("error: ONNX Runtime disagrees with JAX", file=sys.stderr)
         return 1
 
-    report = {"accuracy_by_timestep": accuracy, "labels": args.labels, "ort_vs_jax": worst, "steps": args.steps,
+    report = {"accuracy_by_timestep": accuracy, "labels": args.labels, "swap_names": args.swap_names,
+              "ort_vs_jax": worst, "steps": args.steps,
               "generator": str(gen), "command": " ".join(sys.argv)}
     (out / "metrics.json").write_text(json.dumps(report, indent=1) + "\n")
     write_readme(out, report, card)

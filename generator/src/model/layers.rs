@@ -1,5 +1,7 @@
 //! Differentiable building blocks. candle's fused layer norm and softmax drop gradients
-//! (FINDINGS); ours ([`super::ops`]) carry their own backward.
+//! (FINDINGS); ours ([`super::ops`]) carry their own backward. Beside them, the CPU inference
+//! kernels (`*_inference`), which keep nothing for a backward pass and fold bias and residual sums
+//! into the matrix products; the denoiser takes them when nothing records a graph.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Module, Result, Shape, Tensor, D};
 use candle_nn::{Init, VarBuilder};
