@@ -242,11 +242,12 @@ def main() -> int:
     ap.add_argument("--labels", choices=["text", "mr"], default=env("DLM_LABELS", "text"),
                     help="text: field values as the reference says them (see text_aligned); mr: the meaning "
                          "representation's values as given [DLM_LABELS]")
-    ap.add_argument("--swap-names", type=float, default=float(env("DLM_SWAP_NAMES", "1.0")),
+    ap.add_argument("--swap-names", type=float, default=float(env("DLM_SWAP_NAMES", "0.0")),
                     help="per training reference, the chance of adding a copy with its restaurant names (name, "
                          "near) replaced by other values of the same field: without it the guide reads a name "
                          "from its usual context (coffee shop + Indian -> near Raja Indian Cuisine) and steers "
-                         "toward the context instead of the name; 0 = off [DLM_SWAP_NAMES]")
+                         "toward the context instead of the name; 0 = off, as the shipped guide was trained: 1.0 lifts near's dev "
+                         "accuracy from 80 to 99%% but steered no better on average, see the README) [DLM_SWAP_NAMES]")
     ap.add_argument("--opset", type=int, default=int(env("DLM_OPSET", "21")), help="ONNX opset [DLM_OPSET]")
     ap.add_argument("--seed", type=int, default=int(env("DLM_SEED", "0")), help="[DLM_SEED]")
     args = ap.parse_args()
