@@ -248,6 +248,8 @@ def main() -> int:
                          "from its usual context (coffee shop + Indian -> near Raja Indian Cuisine) and steers "
                          "toward the context instead of the name; 0 = off, as the shipped guide was trained: 1.0 lifts near's dev "
                          "accuracy from 80 to 99%% but steered no better on average, see the README) [DLM_SWAP_NAMES]")
+    ap.add_argument("--swap-fields", default=env("DLM_SWAP_FIELDS", "name,near"),
+                    help="the fields --swap-names swaps, comma-separated [DLM_SWAP_FIELDS]")
     ap.add_argument("--opset", type=int, default=int(env("DLM_OPSET", "21")), help="ONNX opset [DLM_OPSET]")
     ap.add_argument("--seed", type=int, default=int(env("DLM_SEED", "0")), help="[DLM_SEED]")
     args = ap.parse_args()
@@ -277,7 +279,7 @@ def main() -> int:
         """(mr, ref) with each said restaurant name replaced by another value of its field, or None."""
         words, mr = said.words(ref), dict(mr)
         changed = False
-        for f in ("name", "near"):
+        for f in args.swap_fields.split(","):
             if f not in mr:
                 continue
             others = [v for v in values[f] if v not in (mr[f], ABSENT)]
@@ -414,7 +416,7 @@ def main() -> int:
         print("error: ONNX Runtime disagrees with JAX", file=sys.stderr)
         return 1
 
-    report = {"accuracy_by_timestep": accuracy, "labels": args.labels, "swap_names": args.swap_names,
+    report = {"accuracy_by_timestep": accuracy, "labels": args.labels, "swap_names": args.swap_names, "swap_fields": args.swap_fields,
               "ort_vs_jax": worst, "steps": args.steps,
               "generator": str(gen), "command": " ".join(sys.argv)}
     (out / "metrics.json").write_text(json.dumps(report, indent=1) + "\n")
