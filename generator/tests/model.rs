@@ -333,7 +333,10 @@ fn inference_kernels_match_the_training_forward() {
     let previous = Tensor::randn(0f32, 1.0, x.shape(), &Device::Cpu).unwrap();
     let a = trained.predict_x0(&x, &t, Some(&previous)).unwrap();
     let b = served.predict_x0(&x, &t, Some(&previous)).unwrap();
-    assert!(a.track_op() && !b.track_op(), "the served model records no graph");
+    assert!(
+        a.track_op() && !b.track_op(),
+        "the served model records no graph"
+    );
     let diff = (a - b)
         .unwrap()
         .abs()
