@@ -81,8 +81,8 @@ fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
 fn lane_max(xs: &[f32]) -> f32 {
     let (chunks, tail) = xs.as_chunks::<LANES>();
     let mut acc = [f32::NEG_INFINITY; LANES];
-    let tail = padded(tail, f32::NEG_INFINITY);
-    for c in chunks.iter().chain([&tail]) {
+    let tail = (!tail.is_empty()).then(|| padded(tail, f32::NEG_INFINITY));
+    for c in chunks.iter().chain(tail.as_ref()) {
         for (a, &v) in acc.iter_mut().zip(c) {
             *a = if v > *a { v } else { *a };
         }
@@ -730,36 +730,38 @@ pub fn nearest_rows(x: &Tensor, table: &Tensor) -> Result<Tensor> {
     const BLOCK: usize = 128;
     let (v, d) = table.dims2()?;
     let shape = x.shape().clone();
-    let xs = x.flatten_all()?.to_vec1::<f32>()?;
-    let table_rows = table.flatten_all()?.to_vec1::<f32>()?;
-    if xs.len() % d != 0 || shape.dims()[shape.rank() - 1] != d {
+    if shape.dims()[shape.rank() - 1] != d {
         candle_core::bail!("nearest_rows: rows of {shape:?} are not {d} wide");
     }
-    let n = xs.len() / d;
-    // ‖x − e‖² = ‖x‖² − 2x·e + ‖e‖²; ‖x‖² is the same for every e, so it is left out.
-    let sq: Vec<f32> = table_rows
-        .chunks_exact(d)
-        .map(|e| e.iter().map(|a| a * a).sum())
-        .collect();
-    let mut dots = vec![0f32; BLOCK * v];
-    let mut out = Vec::with_capacity(xs.len());
-    for first in (0..n).step_by(BLOCK) {
-        let rows = BLOCK.min(n - first);
-        matmul(
-            &mut dots,
-            View::rows_of(rows, v, v),
-            &xs[first * d..],
-            View::rows_of(rows, d, d),
-            &table_rows,
-            View::rows_of(v, d, d).t(),
-            -2.0,
-            false,
-        );
-        for row in dots[..rows * v].chunks_exact(v) {
-            let best = nearest_index(row, &sq);
-            out.extend_from_slice(&table_rows[best * d..(best + 1) * d]);
+    let (x, table) = (x.contiguous()?, table.contiguous()?);
+    let out = with_cpu_f32(&[&x, &table], |[xs, table_rows]| {
+        let n = xs.len() / d;
+        // ‖x − e‖² = ‖x‖² − 2x·e + ‖e‖²; ‖x‖² is the same for every e, so it is left out.
+        let sq: Vec<f32> = table_rows
+            .chunks_exact(d)
+            .map(|e| e.iter().map(|a| a * a).sum())
+            .collect();
+        let mut dots = vec![0f32; BLOCK * v];
+        let mut out = Vec::with_capacity(xs.len());
+        for first in (0..n).step_by(BLOCK) {
+            let rows = BLOCK.min(n - first);
+            matmul(
+                &mut dots,
+                View::rows_of(rows, v, v),
+                &xs[first * d..],
+                View::rows_of(rows, d, d),
+                table_rows,
+                View::rows_of(v, d, d).t(),
+                -2.0,
+                false,
+            );
+            for row in dots[..rows * v].chunks_exact(v) {
+                let best = nearest_index(row, &sq);
+                out.extend_from_slice(&table_rows[best * d..(best + 1) * d]);
+            }
         }
-    }
+        Ok(out)
+    })?;
     Tensor::from_vec(out, shape, x.device())
 }
 
