@@ -128,7 +128,8 @@ impl GuidanceArgs {
 struct EvalControlArgs {
     #[arg(long, env = "DLM_ENDPOINT", default_value = "http://127.0.0.1:8000")]
     endpoint: String,
-    #[arg(long, env = "DLM_GUIDE", default_value = "e2e-semantic")]
+    /// The guide that steers every target (default: each target's field decides, as in `generate`).
+    #[arg(long, env = "DLM_GUIDE", default_value = "")]
     guide: String,
     #[arg(long, env = "DLM_DATA_DIR", default_value = "../shared/data/e2e")]
     data_dir: PathBuf,
@@ -196,8 +197,9 @@ struct GenerateArgs {
     /// Wanted attribute value, field=value (repeat for more).
     #[arg(long = "control", env = "DLM_CONTROLS", value_delimiter = ',')]
     controls: Vec<String>,
-    /// The guide that steers the controls.
-    #[arg(long, env = "DLM_GUIDE", default_value = "e2e-semantic")]
+    /// The guide that steers the controls (default: for each control, the registered guide that
+    /// reads its field, the one reading the fewest fields where several do).
+    #[arg(long, env = "DLM_GUIDE", default_value = "")]
     guide: String,
     /// Weight of the guide's gradient.
     #[arg(long, env = "DLM_WEIGHT")]

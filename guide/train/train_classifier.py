@@ -250,9 +250,16 @@ def main() -> int:
                          "accuracy from 80 to 99%% but steered no better on average, see the README) [DLM_SWAP_NAMES]")
     ap.add_argument("--swap-fields", default=env("DLM_SWAP_FIELDS", "name,near"),
                     help="the fields --swap-names swaps, comma-separated [DLM_SWAP_FIELDS]")
+    ap.add_argument("--fields", default=env("DLM_FIELDS", ",".join(FIELDS)),
+                    help="the fields this guide reads, comma-separated (default: all 8) [DLM_FIELDS]")
     ap.add_argument("--opset", type=int, default=int(env("DLM_OPSET", "21")), help="ONNX opset [DLM_OPSET]")
     ap.add_argument("--seed", type=int, default=int(env("DLM_SEED", "0")), help="[DLM_SEED]")
     args = ap.parse_args()
+    fields = args.fields.split(",")
+    unknown = [f for f in fields if f not in FIELDS]
+    if unknown or not fields:
+        print(f"error: --fields: unknown field(s) {unknown}; the E2E fields are {FIELDS}", file=sys.stderr)
+        return 1
 
     gen = pathlib.Path(args.generator)
     data = pathlib.Path(args.data_dir)
@@ -269,7 +276,7 @@ def main() -> int:
     train = read_split(data / "trainset.csv")
     dev = read_split(data / "devset.csv")
     values = {f: sorted({mr[f] for mr, _ in train if f in mr}) + [ABSENT] for f in FIELDS}
-    sizes = [len(values[f]) for f in FIELDS]
+    sizes = [len(values[f]) for f in fields]
 
     said = Realisation(tok)
 
@@ -301,7 +308,7 @@ def main() -> int:
             if args.labels == "text":
                 mr = text_aligned(mr, ref, values, said)
             ids.append(e)
-            labels.append([values[f].index(mr[f]) if mr.get(f) in values[f] else values[f].index(ABSENT) for f in FIELDS])
+            labels.append([values[f].index(mr[f]) if mr.get(f) in values[f] else values[f].index(ABSENT) for f in fields])
         return np.array(ids, np.int32), np.array(labels, np.int32)
 
     train_ids, train_y = dataset(train, args.swap_names)
@@ -351,7 +358,7 @@ def main() -> int:
     bins = [(0, steps_t // 20), (0, steps_t // 4), (steps_t // 4, steps_t // 2), (steps_t // 2, 3 * steps_t // 4), (3 * steps_t // 4, steps_t)]
     accuracy = {}
     for lo, hi in bins:
-        correct = np.zeros(len(FIELDS))
+        correct = np.zeros(len(fields))
         n = 0
         for s in range(0, len(dev_ids), 256):
             ids = dev_ids[s:s + 256]
@@ -362,7 +369,7 @@ def main() -> int:
                 correct[f] += np.sum(np.argmax(logits[:, start:start + size], -1) == dev_y[s:s + 256, f])
                 start += size
             n += len(ids)
-        accuracy[f"{lo}-{hi - 1}"] = {f: float(c / n) for f, c in zip(FIELDS, correct)}
+        accuracy[f"{lo}-{hi - 1}"] = {f: float(c / n) for f, c in zip(fields, correct)}
 
     # Export (latents, timesteps, targets) -> (log_prob, grad).
     def guide_fn(latents, timesteps, targets):
@@ -376,14 +383,14 @@ def main() -> int:
     specs = [
         jax.ShapeDtypeStruct((b, seq_len, d), jnp.float32),
         jax.ShapeDtypeStruct((b,), jnp.int32),
-        jax.ShapeDtypeStruct((b, len(FIELDS)), jnp.int32),
+        jax.ShapeDtypeStruct((b, len(fields)), jnp.int32),
     ]
     model = jax2onnx.to_onnx(guide_fn, specs, model_name="dlm_guide", opset=args.opset,
                              input_names=["latents", "timesteps_i32", "targets_i32"],
                              output_names=["log_prob", "grad"])
     model = int64_inputs(model, {"timesteps_i32": "timesteps", "targets_i32": "targets"})
     card = {
-        "fields": [{"name": f, "values": values[f]} for f in FIELDS],
+        "fields": [{"name": f, "values": values[f]} for f in fields],
         "embedding_sha256": embedding_fingerprint(embedding),
         "diffusion_steps": steps_t,
         "schedule": cfg["schedule"],

@@ -134,6 +134,16 @@ impl GuideClient {
     }
 }
 
+/// "field=value" → (field, value), or INVALID_ARGUMENT naming the bad target.
+fn split_target(spec: &str) -> Result<(&str, &str)> {
+    spec.split_once('=').ok_or_else(|| {
+        Error::invalid(
+            "controls.targets",
+            format!("`{spec}` is not of the form field=value"),
+        )
+    })
+}
+
 /// A guide the generator may call, with its label space.
 pub struct RegisteredGuide {
     pub name: String,
@@ -142,16 +152,15 @@ pub struct RegisteredGuide {
 }
 
 impl RegisteredGuide {
+    pub fn reads(&self, field: &str) -> bool {
+        self.fields.iter().any(|(n, _)| n.eq_ignore_ascii_case(field.trim()))
+    }
+
     /// "field=value" strings → a value id per field (−1 where unconstrained).
     pub fn targets(&self, specs: &[String]) -> Result<Vec<i64>> {
         let mut out = vec![-1i64; self.fields.len()];
         for spec in specs {
-            let (field, value) = spec.split_once('=').ok_or_else(|| {
-                Error::invalid(
-                    "controls.targets",
-                    format!("`{spec}` is not of the form field=value"),
-                )
-            })?;
+            let (field, value) = split_target(spec)?;
             let (fi, (_, values)) = self
                 .fields
                 .iter()
@@ -438,6 +447,47 @@ impl GuideRegistry {
                 format!("unknown guide `{name}` (registered: {names:?})"),
             )
         })
+    }
+
+    /// For a control that names no guide: each target goes to the registered guide that reads
+    /// its field, and where several do, to the one reading the fewest fields — a guide trained
+    /// for a few fields is deployed beside a general one to steer those better. Targets are
+    /// grouped per guide, in the order the guides are first needed.
+    pub fn route(&self, specs: &[String]) -> Result<Vec<(Arc<RegisteredGuide>, Vec<String>)>> {
+        let guides = self.list();
+        let mut routed: Vec<(Arc<RegisteredGuide>, Vec<String>)> = Vec::new();
+        for spec in specs {
+            let (field, _) = split_target(spec)?;
+            let readers: Vec<&Arc<RegisteredGuide>> =
+                guides.iter().filter(|g| g.reads(field)).collect();
+            let Some(fewest) = readers.iter().map(|g| g.fields.len()).min() else {
+                let names: Vec<&str> = guides.iter().map(|g| g.name.as_str()).collect();
+                return Err(Error::invalid(
+                    "controls.targets",
+                    format!(
+                        "no registered guide reads field `{}` (guides: {names:?})",
+                        field.trim()
+                    ),
+                ));
+            };
+            let best: Vec<&&Arc<RegisteredGuide>> =
+                readers.iter().filter(|g| g.fields.len() == fewest).collect();
+            if best.len() > 1 {
+                let names: Vec<&str> = best.iter().map(|g| g.name.as_str()).collect();
+                return Err(Error::invalid(
+                    "controls.guide",
+                    format!(
+                        "field `{}` is read by guides {names:?} alike: name one",
+                        field.trim()
+                    ),
+                ));
+            }
+            match routed.iter_mut().find(|(g, _)| Arc::ptr_eq(g, best[0])) {
+                Some((_, targets)) => targets.push(spec.clone()),
+                None => routed.push((Arc::clone(best[0]), vec![spec.clone()])),
+            }
+        }
+        Ok(routed)
     }
 
     pub fn list(&self) -> Vec<Arc<RegisteredGuide>> {

@@ -78,12 +78,11 @@ impl GeneratorService {
             _ => SamplerKind::Ddpm,
         };
         let mut controls = Vec::new();
-        for c in &r.controls {
-            let guide = self.guides.get(&c.guide)?;
+        for (i, c) in r.controls.iter().enumerate() {
             if c.targets.is_empty() {
                 return Err(Error::invalid(
                     "controls.targets",
-                    format!("control for guide `{}` has no targets", c.guide),
+                    format!("controls[{i}] (guide `{}`) has no targets", c.guide),
                 ));
             }
             let weight = c.weight.unwrap_or(1.0);
@@ -93,11 +92,18 @@ impl GeneratorService {
                     format!("must be a non-negative number, got {weight}"),
                 ));
             }
-            controls.push(Control {
-                targets: guide.targets(&c.targets)?,
-                guide,
-                weight,
-            });
+            let routed = if c.guide.is_empty() {
+                self.guides.route(&c.targets)?
+            } else {
+                vec![(self.guides.get(&c.guide)?, c.targets.clone())]
+            };
+            for (guide, targets) in routed {
+                controls.push(Control {
+                    targets: guide.targets(&targets)?,
+                    guide,
+                    weight,
+                });
+            }
         }
         // Canvas: START w1..wK END PAD…; length and infilling fix positions.
         let l = cfg.seq_len;
