@@ -14,7 +14,7 @@ gen=""
 trap 'kill -TERM $gen $guide 2>/dev/null || true; wait 2>/dev/null || true' EXIT
 wait_port "$guide_port"
 target/release/dlm-generator serve --model models/e2e-small --port "$gen_port" --metrics-port 0 \
-    --guide "e2e-semantic=http://127.0.0.1:$guide_port" &
+    --guide "e2e-semantic=http://127.0.0.1:$guide_port" --guide "e2e-names=http://127.0.0.1:$guide_port/e2e-names" &
 gen=$!
 echo "--- 3 texts steered to food=Italian, area=riverside (seed 1):"
 target/release/dlm-generator generate --endpoint "http://127.0.0.1:$gen_port" --wait-s 120 \

@@ -156,6 +156,71 @@ async fn bad_requests_are_invalid_argument_naming_the_problem() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controls_without_a_guide_go_to_the_guide_that_reads_the_field() {
+    let (guide, generator) = stack().await;
+    let mut client = generator.client().await;
+    let register = |name: &str, model: &str| pb::SetGuideRequest {
+        name: name.into(),
+        url: format!("http://127.0.0.1:{}/{model}", guide.port),
+        ..Default::default()
+    };
+    client
+        .set_guide(register("e2e-names", "e2e-names"))
+        .await
+        .unwrap();
+    let routed = |targets: &[&str]| {
+        let mut r = request(2, 5, 1, targets);
+        r.controls[0].guide.clear();
+        r
+    };
+    let guides_scored = |r: pb::GenerateResponse| {
+        let mut g: Vec<String> = r.samples[0]
+            .scores
+            .iter()
+            .map(|s| s.guide.clone())
+            .collect();
+        g.sort();
+        g
+    };
+    // near: both guides read it, the two-field one wins; food: only the general guide reads it.
+    let resp = client
+        .generate(routed(&["near=The Sorrento", "food=Italian"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(guides_scored(resp), ["e2e-names", GUIDE]);
+    let resp = client
+        .generate(routed(&["food=Italian"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(guides_scored(resp), [GUIDE]);
+
+    // Two guides reading the same fields: the request must say which.
+    client.set_guide(register("twin", GUIDE)).await.unwrap();
+    let err = client
+        .generate(routed(&["food=Italian"]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    assert!(err.message().contains("name one"), "{}", err.message());
+    let resp = client
+        .generate(routed(&["near=The Sorrento"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(guides_scored(resp), ["e2e-names"]);
+    let err = client.generate(routed(&["colour=red"])).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    assert!(
+        err.message()
+            .contains("no registered guide reads field `colour`"),
+        "{}",
+        err.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_guide_gives_unavailable_and_the_generator_stays_healthy() {
     let (mut guide, generator) = stack().await;
     let mut client = generator.client().await;

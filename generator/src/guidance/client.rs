@@ -153,7 +153,9 @@ pub struct RegisteredGuide {
 
 impl RegisteredGuide {
     pub fn reads(&self, field: &str) -> bool {
-        self.fields.iter().any(|(n, _)| n.eq_ignore_ascii_case(field.trim()))
+        self.fields
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case(field.trim()))
     }
 
     /// "field=value" strings → a value id per field (−1 where unconstrained).
@@ -470,8 +472,10 @@ impl GuideRegistry {
                     ),
                 ));
             };
-            let best: Vec<&&Arc<RegisteredGuide>> =
-                readers.iter().filter(|g| g.fields.len() == fewest).collect();
+            let best: Vec<&&Arc<RegisteredGuide>> = readers
+                .iter()
+                .filter(|g| g.fields.len() == fewest)
+                .collect();
             if best.len() > 1 {
                 let names: Vec<&str> = best.iter().map(|g| g.name.as_str()).collect();
                 return Err(Error::invalid(
