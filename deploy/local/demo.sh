@@ -19,5 +19,8 @@ gen=$!
 echo "--- 3 texts steered to food=Italian, area=riverside (seed 1):"
 target/release/dlm-generator generate --endpoint "http://127.0.0.1:$gen_port" --wait-s 120 \
     --control food=Italian --control area=riverside --n 3 --seed 1
+echo "--- 3 texts steered to eatType=pub (guide e2e-semantic), near=The Sorrento (guide e2e-names) (seed 1):"
+target/release/dlm-generator generate --endpoint "http://127.0.0.1:$gen_port" \
+    --control eatType=pub --control "near=The Sorrento" --n 3 --seed 1
 echo "--- 3 texts of exactly 10 words, no control (seed 1):"
 target/release/dlm-generator generate --endpoint "http://127.0.0.1:$gen_port" --n 3 --seed 1 --length 10
