@@ -150,6 +150,9 @@ struct EvalControlArgs {
     weight: Option<f32>,
     #[command(flatten)]
     guidance: GuidanceArgs,
+    /// Also write every text, as JSON lines {field, value, guided, text, realised}, to this file.
+    #[arg(long, env = "DLM_TEXTS")]
+    texts: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -918,6 +921,19 @@ fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
             100.0 * g,
             100.0 * u
         ));
+    }
+    if let Some(path) = &args.texts {
+        let mut out = String::new();
+        for (field, value, guided, unguided) in &results {
+            for (is_guided, texts) in [(true, guided), (false, unguided)] {
+                for text in texts {
+                    out.push_str(&serde_json::json!({"field": field, "value": value, "guided": is_guided,
+                        "text": text, "realised": realises(text, field, value)}).to_string());
+                    out.push('\n');
+                }
+            }
+        }
+        std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))?;
     }
     let guided: Vec<String> = results.iter().flat_map(|r| r.2.clone()).collect();
     let unguided: Vec<String> = results.iter().flat_map(|r| r.3.clone()).collect();
