@@ -927,8 +927,11 @@ fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
         for (field, value, guided, unguided) in &results {
             for (is_guided, texts) in [(true, guided), (false, unguided)] {
                 for text in texts {
-                    out.push_str(&serde_json::json!({"field": field, "value": value, "guided": is_guided,
-                        "text": text, "realised": realises(text, field, value)}).to_string());
+                    out.push_str(
+                        &serde_json::json!({"field": field, "value": value, "guided": is_guided,
+                        "text": text, "realised": realises(text, field, value)})
+                        .to_string(),
+                    );
                     out.push('\n');
                 }
             }

@@ -95,28 +95,50 @@ mod tests {
     #[test]
     fn matches_the_common_e2e_phrasings() {
         for (text, field, value) in [
-            ("aromi is a family-friendly restaurant", "familyFriendly", "yes"),
+            (
+                "aromi is a family-friendly restaurant",
+                "familyFriendly",
+                "yes",
+            ),
             ("it is kids friendly .", "familyFriendly", "yes"),
             ("it is not children friendly .", "familyFriendly", "no"),
-            ("prices are less than 20 pounds", "priceRange", "less than £20"),
+            (
+                "prices are less than 20 pounds",
+                "priceRange",
+                "less than £20",
+            ),
             ("a price range of 20-25", "priceRange", "£20-25"),
             ("from £20 to £25", "priceRange", "£20-25"),
             ("is a high-priced pub", "priceRange", "high"),
-            ("its customer rating is average", "customer rating", "average"),
+            (
+                "its customer rating is average",
+                "customer rating",
+                "average",
+            ),
             ("a 5 star restaurant", "customer rating", "5 out of 5"),
             ("serves british food", "food", "English"),
             ("by the river", "area", "riverside"),
         ] {
-            assert!(realises(text, field, value), "{text:?} should say {field}={value}");
+            assert!(
+                realises(text, field, value),
+                "{text:?} should say {field}={value}"
+            );
         }
         for (text, field, value) in [
             ("it is not kids friendly .", "familyFriendly", "yes"),
             ("it is a non-family-friendly pub", "familyFriendly", "yes"),
-            ("prices are more than 30 pounds", "priceRange", "less than £20"),
+            (
+                "prices are more than 30 pounds",
+                "priceRange",
+                "less than £20",
+            ),
             ("a 1 star restaurant", "customer rating", "5 out of 5"),
             ("rating of 1 out of 5", "customer rating", "5 out of 5"),
         ] {
-            assert!(!realises(text, field, value), "{text:?} should not say {field}={value}");
+            assert!(
+                !realises(text, field, value),
+                "{text:?} should not say {field}={value}"
+            );
         }
     }
 }
