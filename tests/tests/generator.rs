@@ -221,6 +221,61 @@ async fn controls_without_a_guide_go_to_the_guide_that_reads_the_field() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eval_control_prints_the_table_and_writes_every_text_with_its_verdict() {
+    let (_guide, generator) = stack().await;
+    let dir = tempfile::tempdir().unwrap();
+    let texts = dir.path().join("texts.jsonl");
+    let args = [
+        "eval-control".to_string(),
+        "--endpoint".into(),
+        generator.url(),
+        "--targets".into(),
+        "12".into(),
+        "--steps".into(),
+        "10".into(),
+        "--texts".into(),
+        texts.to_str().unwrap().into(),
+    ];
+    let out = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run("dlm-generator", &args)
+    })
+    .await
+    .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(table.contains("| **mean of "), "{table}");
+    assert!(table.contains("perplexity ratio"), "{table}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&texts)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        lines.len(),
+        24,
+        "one guided and one unguided text per target"
+    );
+    for l in &lines {
+        let (text, field, value) = (
+            l["text"].as_str().unwrap(),
+            l["field"].as_str().unwrap(),
+            l["value"].as_str().unwrap(),
+        );
+        assert_eq!(
+            l["realised"].as_bool().unwrap(),
+            dlm_generator::eval::control::realises(text, field, value),
+            "{l}"
+        );
+    }
+    assert_eq!(lines.iter().filter(|l| l["guided"] == true).count(), 12);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_guide_gives_unavailable_and_the_generator_stays_healthy() {
     let (mut guide, generator) = stack().await;
     let mut client = generator.client().await;
