@@ -74,15 +74,16 @@ def read_split(path: pathlib.Path):
         return [(parse_mr(r["mr"]), r["ref"].strip()) for r in csv.DictReader(f)]
 
 
-PARAPHRASES = json.loads((pathlib.Path(__file__).resolve().parents[2] / "generator/src/eval/paraphrases.json").read_text())
+MEASURE_PHRASES = pathlib.Path(__file__).resolve().parents[2] / "generator/src/eval/paraphrases.json"
 
 
 class Realisation:
     """Whether a text says field = value: the generator's control measure (generator/src/eval/control.rs),
     on the same words and the same phrase table."""
 
-    def __init__(self, tok: Tokenizer):
+    def __init__(self, tok: Tokenizer, table: dict):
         self.tok = tok
+        self.table = table
         self.phrase_words: dict[str, list[str]] = {}
 
     def words(self, text: str) -> list[str]:
@@ -95,9 +96,9 @@ class Realisation:
         return self.phrase_words[phrase]
 
     def realises(self, text_words: list[str], field: str, value: str) -> bool:
-        phrases = PARAPHRASES["phrases"].get(field, {}).get(value, [value])
+        phrases = self.table["phrases"].get(field, {}).get(value, [value])
         said = any(contains_seq(text_words, self.phrase(p)) for p in phrases)
-        other = PARAPHRASES["unless"].get(field, {}).get(value)
+        other = self.table["unless"].get(field, {}).get(value)
         return said and not (other is not None and self.realises(text_words, field, other))
 
 
@@ -252,6 +253,8 @@ def main() -> int:
                     help="the fields --swap-names swaps, comma-separated [DLM_SWAP_FIELDS]")
     ap.add_argument("--fields", default=env("DLM_FIELDS", ",".join(FIELDS)),
                     help="the fields this guide reads, comma-separated (default: all 8) [DLM_FIELDS]")
+    ap.add_argument("--phrases", default=env("DLM_PHRASES", str(MEASURE_PHRASES)),
+                    help="phrase table that decides what a text says (default: the control measure's) [DLM_PHRASES]")
     ap.add_argument("--opset", type=int, default=int(env("DLM_OPSET", "21")), help="ONNX opset [DLM_OPSET]")
     ap.add_argument("--seed", type=int, default=int(env("DLM_SEED", "0")), help="[DLM_SEED]")
     args = ap.parse_args()
@@ -278,7 +281,7 @@ def main() -> int:
     values = {f: sorted({mr[f] for mr, _ in train if f in mr}) + [ABSENT] for f in FIELDS}
     sizes = [len(values[f]) for f in fields]
 
-    said = Realisation(tok)
+    said = Realisation(tok, json.loads(pathlib.Path(args.phrases).read_text()))
 
     swap_rng = np.random.default_rng(args.seed + 1)
 
