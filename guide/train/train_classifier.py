@@ -247,8 +247,9 @@ def main() -> int:
                     help="per training reference, the chance of adding a copy with its restaurant names (name, "
                          "near) replaced by other values of the same field: without it the guide reads a name "
                          "from its usual context (coffee shop + Indian -> near Raja Indian Cuisine) and steers "
-                         "toward the context instead of the name; 0 = off, as the shipped guide was trained: 1.0 lifts near's dev "
-                         "accuracy from 80 to 99%% but steered no better on average, see the README) [DLM_SWAP_NAMES]")
+                         "toward the context instead of the name; 0 = off, as e2e-semantic was trained; e2e-names uses 1.0, "
+                         "which lifts near's dev accuracy from 80 to 99%% but, trained into an all-field guide, cost the "
+                         "other fields' control: see the README) [DLM_SWAP_NAMES]")
     ap.add_argument("--swap-fields", default=env("DLM_SWAP_FIELDS", "name,near"),
                     help="the fields --swap-names swaps, comma-separated [DLM_SWAP_FIELDS]")
     ap.add_argument("--fields", default=env("DLM_FIELDS", ",".join(FIELDS)),
