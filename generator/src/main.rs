@@ -44,11 +44,17 @@ enum LogFormat {
 enum Command {
     /// Train a model on the E2E references (checkpoints and `--resume` in --out).
     Train(TrainArgs),
+    /// Train the teacher LM (a causal word-level transformer on the E2E train references) that
+    /// `eval-fluency` and `eval-control` score texts with.
+    TrainTeacher(TrainTeacherArgs),
     /// Sample sentences from a model: one per line on stdout.
     Sample(SampleArgs),
     /// Perplexity of sentences (one per line) under a 4-gram Kneser-Ney model of the E2E train
     /// references, against the E2E test references.
     EvalFluency(EvalArgs),
+    /// The model's own score of texts (one per line): log p of each text's words given noised
+    /// copies of it (what best-of-k ranks by); one number per line on stdout.
+    Score(ScoreArgs),
     /// Median train-step and sampling-step times (table on stdout).
     Bench(BenchArgs),
     /// Serve the Generator gRPC API (guided sampling with continuous batching).
@@ -90,8 +96,9 @@ struct GuidanceArgs {
     /// Step size of each gradient step (default 0.1).
     #[arg(long, env = "DLM_STEP_SIZE")]
     step_size: Option<f32>,
-    /// The update rule: adagrad (default) or sign.
-    #[arg(long, env = "DLM_GUIDANCE_UPDATE", value_parser = ["adagrad", "sign"])]
+    /// The update rule: adagrad (the paper's, per coordinate), normalized (one accumulator per
+    /// text) or sign; default: the server's.
+    #[arg(long, env = "DLM_GUIDANCE_UPDATE", value_parser = ["adagrad", "normalized", "sign"])]
     guidance_update: Option<String>,
     /// Fluency weight λ: the pull back towards the sampler's proposal (default 0.01).
     #[arg(long, env = "DLM_FLUENCY_WEIGHT")]
@@ -102,6 +109,9 @@ struct GuidanceArgs {
     /// Guide down to this sampling step (default: none in the last 10).
     #[arg(long, env = "DLM_GUIDE_UNTIL")]
     guide_until: Option<u32>,
+    /// A guide stops pulling a text while its p(c | x) is at least this (default 0.9; 1 = always).
+    #[arg(long, env = "DLM_SATISFIED_PROB")]
+    satisfied_prob: Option<f32>,
 }
 
 impl GuidanceArgs {
@@ -109,6 +119,7 @@ impl GuidanceArgs {
         use dlm_proto::dlm::v1::{Guidance, GuidanceUpdate};
         let update = match self.guidance_update.as_deref() {
             Some("sign") => GuidanceUpdate::Sign,
+            Some("normalized") => GuidanceUpdate::Normalized,
             Some(_) => GuidanceUpdate::Adagrad,
             None => GuidanceUpdate::Unspecified,
         };
@@ -119,6 +130,7 @@ impl GuidanceArgs {
             fluency_weight: self.fluency_weight,
             start_step: self.guide_from,
             stop_step: self.guide_until,
+            satisfied_prob: self.satisfied_prob,
         };
         (g != Guidance::default()).then_some(g)
     }
@@ -148,11 +160,17 @@ struct EvalControlArgs {
     seed: u64,
     #[arg(long, env = "DLM_WEIGHT")]
     weight: Option<f32>,
+    /// Candidates per text, ranked by the model's own log p plus the guides' (guided texts only).
+    #[arg(long, env = "DLM_BEST_OF")]
+    best_of: Option<u32>,
     #[command(flatten)]
     guidance: GuidanceArgs,
     /// Also write every text, as JSON lines {field, value, guided, text, realised}, to this file.
     #[arg(long, env = "DLM_TEXTS")]
     texts: Option<PathBuf>,
+    /// The teacher LM directory (made by `train-teacher`).
+    #[arg(long, env = "DLM_TEACHER", default_value = "models/teacher-lm")]
+    teacher: PathBuf,
 }
 
 #[derive(Args)]
@@ -216,6 +234,9 @@ struct GenerateArgs {
     /// Exact number of words.
     #[arg(long, env = "DLM_LENGTH")]
     length: Option<u32>,
+    /// Candidates sampled per text; the best by the model's own log p plus the guides' is returned.
+    #[arg(long, env = "DLM_BEST_OF")]
+    best_of: Option<u32>,
     #[arg(long, env = "DLM_SAMPLE_STEPS")]
     steps: Option<u32>,
     /// Print the whole response as JSON.
@@ -315,6 +336,52 @@ struct TrainArgs {
 }
 
 #[derive(Args)]
+struct TrainTeacherArgs {
+    /// Directory with the E2E CSV files.
+    #[arg(long, env = "DLM_DATA_DIR", default_value = "../shared/data/e2e")]
+    data_dir: PathBuf,
+    /// Output directory (teacher.json, model.safetensors, tokenizer.json, train_log.jsonl).
+    #[arg(long, env = "DLM_OUT", default_value = "models/teacher-lm")]
+    out: PathBuf,
+    #[arg(long, env = "DLM_STEPS", default_value_t = 6000)]
+    steps: usize,
+    #[arg(long, env = "DLM_BATCH_SIZE", default_value_t = 64)]
+    batch_size: usize,
+    #[arg(long, env = "DLM_LR", default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, env = "DLM_WARMUP", default_value_t = 300)]
+    warmup: usize,
+    #[arg(long, env = "DLM_WEIGHT_DECAY", default_value_t = 0.01)]
+    weight_decay: f64,
+    /// Clip the global gradient norm (0 = off).
+    #[arg(long, env = "DLM_GRAD_CLIP", default_value_t = 1.0)]
+    grad_clip: f64,
+    #[arg(long, env = "DLM_SEED", default_value_t = 0)]
+    seed: u64,
+    /// Words seen fewer times in the train references become UNK.
+    #[arg(long, env = "DLM_MIN_COUNT", default_value_t = 2)]
+    min_count: u64,
+    /// Transformer width H.
+    #[arg(long, env = "DLM_HIDDEN", default_value_t = 128)]
+    hidden: usize,
+    #[arg(long, env = "DLM_LAYERS", default_value_t = 3)]
+    layers: usize,
+    #[arg(long, env = "DLM_HEADS", default_value_t = 4)]
+    heads: usize,
+    /// Longest sequence (START, words, END); longer texts are cut.
+    #[arg(long, env = "DLM_SEQ_LEN", default_value_t = 64)]
+    seq_len: usize,
+    #[arg(long, env = "DLM_LOG_EVERY", default_value_t = 50)]
+    log_every: usize,
+    /// Save and measure dev perplexity every this many steps.
+    #[arg(long, env = "DLM_CHECKPOINT_EVERY", default_value_t = 1000)]
+    checkpoint_every: usize,
+    /// Hide the progress bar.
+    #[arg(long, env = "DLM_NO_PROGRESS")]
+    no_progress: bool,
+}
+
+#[derive(Args)]
 struct ModelArgs {
     /// Embedding width D.
     #[arg(long, env = "DLM_EMBED_DIM", default_value_t = 16)]
@@ -368,6 +435,18 @@ struct SampleArgs {
 }
 
 #[derive(Args)]
+struct ScoreArgs {
+    /// Model directory.
+    #[arg(long, env = "DLM_MODEL", default_value = "models/e2e-small")]
+    model: PathBuf,
+    /// Texts, one per line (`-` = stdin).
+    #[arg(long, env = "DLM_INPUT", default_value = "-")]
+    input: PathBuf,
+    #[arg(long, env = "DLM_SEED", default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args)]
 struct EvalArgs {
     /// Directory with the E2E CSV files.
     #[arg(long, env = "DLM_DATA_DIR", default_value = "../shared/data/e2e")]
@@ -378,6 +457,9 @@ struct EvalArgs {
     /// n-gram order.
     #[arg(long, env = "DLM_ORDER", default_value_t = 4)]
     order: usize,
+    /// The teacher LM directory (made by `train-teacher`).
+    #[arg(long, env = "DLM_TEACHER", default_value = "models/teacher-lm")]
+    teacher: PathBuf,
     /// Print the report as JSON.
     #[arg(long, env = "DLM_JSON")]
     json: bool,
@@ -414,8 +496,10 @@ fn run(command: Command, device: DeviceChoice) -> anyhow::Result<()> {
     };
     match command {
         Command::Train(args) => train(args, &open()?),
+        Command::TrainTeacher(args) => train_teacher(args, &open()?),
         Command::Sample(args) => sample(args, &open()?),
         Command::EvalFluency(args) => eval_fluency(args),
+        Command::Score(args) => score(args, &open()?),
         Command::Bench(args) => bench(args, device),
         Command::Serve(args) => serve(args, &open()?),
         Command::Generate(args) => generate(args),
@@ -472,6 +556,41 @@ fn train(args: TrainArgs, device: &Device) -> anyhow::Result<()> {
         out = %args.out.display(),
         "training finished"
     );
+    Ok(())
+}
+
+fn train_teacher(args: TrainTeacherArgs, device: &Device) -> anyhow::Result<()> {
+    use dlm_generator::model::teacher_lm::TeacherConfig;
+    use dlm_generator::train::teacher::{TeacherTrainConfig, TeacherTrainer};
+    let trainer = TeacherTrainer {
+        config: TeacherTrainConfig {
+            model: TeacherConfig {
+                vocab_size: 0, // set from the tokenizer
+                hidden: args.hidden,
+                layers: args.layers,
+                heads: args.heads,
+                mlp_ratio: 4,
+                seq_len: args.seq_len,
+            },
+            min_count: args.min_count,
+            steps: args.steps,
+            batch_size: args.batch_size,
+            lr: args.lr,
+            warmup: args.warmup,
+            weight_decay: args.weight_decay,
+            grad_clip: args.grad_clip,
+            seed: args.seed,
+        },
+        out: args.out.clone(),
+        log_every: args.log_every,
+        checkpoint_every: args.checkpoint_every,
+        show_progress: !args.no_progress,
+        shards: dlm_generator::device::shards(device),
+    };
+    let train = data::references(&args.data_dir, data::TRAIN_FILE)?;
+    let dev = data::references(&args.data_dir, data::DEV_FILE)?;
+    let dev_perplexity = trainer.run(&train, &dev, device)?;
+    tracing::info!(dev_perplexity, out = %args.out.display(), "teacher training finished");
     Ok(())
 }
 
@@ -613,24 +732,65 @@ fn device_parity(args: DeviceParityArgs, device: &Device) -> anyhow::Result<()> 
     Ok(())
 }
 
-fn eval_fluency(args: EvalArgs) -> anyhow::Result<()> {
-    let sentences: Vec<String> = if args.input.as_os_str() == "-" {
+fn load_teacher(
+    dir: &std::path::Path,
+) -> anyhow::Result<dlm_generator::model::teacher_lm::LoadedTeacher> {
+    dlm_generator::model::teacher_lm::LoadedTeacher::load(dir, &Device::Cpu).with_context(|| {
+        format!(
+            "loading the teacher LM from {} (`--teacher`)",
+            dir.display()
+        )
+    })
+}
+
+/// The non-empty lines of a file (`-` = stdin).
+fn read_lines(input: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let lines: Vec<String> = if input.as_os_str() == "-" {
         std::io::stdin().lock().lines().collect::<Result<_, _>>()?
     } else {
-        std::fs::read_to_string(&args.input)
-            .with_context(|| format!("reading {}", args.input.display()))?
+        std::fs::read_to_string(input)
+            .with_context(|| format!("reading {}", input.display()))?
             .lines()
             .map(str::to_string)
             .collect()
     };
-    let sentences: Vec<String> = sentences
-        .into_iter()
-        .filter(|s| !s.trim().is_empty())
-        .collect();
-    if sentences.is_empty() {
+    let lines: Vec<String> = lines.into_iter().filter(|s| !s.trim().is_empty()).collect();
+    if lines.is_empty() {
         anyhow::bail!("invalid argument `input`: no sentences to score");
     }
-    let report = FluencyReport::compute(&args.data_dir, &sentences, args.order)?;
+    Ok(lines)
+}
+
+fn score(args: ScoreArgs, device: &Device) -> anyhow::Result<()> {
+    use dlm_generator::diffusion::likelihood::reconstruction_log_prob;
+    use dlm_generator::diffusion::NoiseSchedule;
+    let texts = read_lines(&args.input)?;
+    let loaded = LoadedModel::load(&args.model, device)
+        .with_context(|| format!("loading model from {}", args.model.display()))?;
+    let cfg = &loaded.model.config;
+    let schedule = NoiseSchedule::new(cfg.schedule, cfg.diffusion_steps)?;
+    let mut out = std::io::stdout().lock();
+    for (c, chunk) in texts.chunks(64).enumerate() {
+        let mut rngs: Vec<_> = (0..chunk.len())
+            .map(|i| dlm_generator::diffusion::sampler::sequence_rng(args.seed, c * 64 + i))
+            .collect();
+        let ids: Vec<u32> = chunk
+            .iter()
+            .map(|t| loaded.tokenizer.encode_padded(t, cfg.seq_len))
+            .collect::<Result<Vec<_>, _>>()?
+            .concat();
+        let ids = candle_core::Tensor::from_vec(ids, (chunk.len(), cfg.seq_len), device)?;
+        for s in reconstruction_log_prob(&loaded.model, &schedule, &ids, &mut rngs)? {
+            writeln!(out, "{s:.3}")?;
+        }
+    }
+    Ok(())
+}
+
+fn eval_fluency(args: EvalArgs) -> anyhow::Result<()> {
+    let sentences = read_lines(&args.input)?;
+    let teacher = load_teacher(&args.teacher)?;
+    let report = FluencyReport::compute(&args.data_dir, &sentences, args.order, &teacher)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -794,6 +954,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             controls,
             length: args.length,
             guidance: args.guidance.to_proto(),
+            best_of: args.best_of,
             ..Default::default()
         };
         let resp = client.generate(req).await.map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?.into_inner();
@@ -801,7 +962,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             let samples: Vec<serde_json::Value> = resp
                 .samples
                 .iter()
-                .map(|s| serde_json::json!({"text": s.text, "tokens": s.tokens,
+                .map(|s| serde_json::json!({"text": s.text, "tokens": s.tokens, "model_log_prob": s.model_log_prob,
                     "scores": s.scores.iter().map(|g| serde_json::json!({"guide": g.guide, "log_prob": g.log_prob})).collect::<Vec<_>>()}))
                 .collect();
             let t = resp.timings.unwrap_or_default();
@@ -854,12 +1015,13 @@ fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
                 args.guide.clone(),
                 progress.clone(),
             );
-            let (n, steps, weight, guidance, seed) = (
+            let (n, steps, weight, guidance, seed, best_of) = (
                 args.n,
                 args.steps,
                 args.weight,
                 args.guidance.to_proto(),
                 args.seed * 1_000_003 + i as u64,
+                args.best_of,
             );
             tasks.push(tokio::spawn(async move {
                 let _permit = sem.acquire().await?;
@@ -876,6 +1038,7 @@ fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
                     weight,
                 }];
                 guided.guidance = guidance;
+                guided.best_of = best_of;
                 let texts = |r: pb::GenerateResponse| {
                     r.samples.into_iter().map(|s| s.text).collect::<Vec<_>>()
                 };
@@ -940,13 +1103,23 @@ fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
     }
     let guided: Vec<String> = results.iter().flat_map(|r| r.2.clone()).collect();
     let unguided: Vec<String> = results.iter().flat_map(|r| r.3.clone()).collect();
-    let fg = FluencyReport::compute(&args.data_dir, &guided, 4)?;
-    let fu = FluencyReport::compute(&args.data_dir, &unguided, 4)?;
+    let teacher = load_teacher(&args.teacher)?;
+    let fg = FluencyReport::compute(&args.data_dir, &guided, 4, &teacher)?;
+    let fu = FluencyReport::compute(&args.data_dir, &unguided, 4, &teacher)?;
     table.push_str(&format!(
-        "| **mean of {fields} fields** | {} | **{:.1}%** | {:.1}% |\n\n4-gram perplexity ratio (texts ÷ E2E test references): guided {:.2}, unguided {:.2}; {} sampling steps, {} text(s) per target.\n",
+        "| **mean of {fields} fields** | {} | **{:.1}%** | {:.1}% |\n\
+         | teacher perplexity ratio (texts ÷ E2E dev references) | | {:.3} | {:.3} |\n\
+         | repetition (word or bigram back to back; dev references {:.1}%) | | {:.1}% | {:.1}% |\n\
+         | 4-gram perplexity ratio (texts ÷ E2E test references) | | {:.2} | {:.2} |\n\n\
+         {} sampling steps, {} text(s) per target.\n",
         results.len(),
         100.0 * sum_g / fields.max(1) as f64,
         100.0 * sum_u / fields.max(1) as f64,
+        fg.teacher.ratio,
+        fu.teacher.ratio,
+        100.0 * fg.dev_references_repetition,
+        100.0 * fg.samples_repetition,
+        100.0 * fu.samples_repetition,
         fg.ratio,
         fu.ratio,
         args.steps,

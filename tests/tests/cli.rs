@@ -155,6 +155,7 @@ fn help_is_there_for_every_command() {
         vec!["train", "--help"],
         vec!["sample", "--help"],
         vec!["eval-fluency", "--help"],
+        vec!["train-teacher", "--help"],
     ] {
         let out = run("dlm-generator", &args);
         assert!(out.status.success(), "{args:?}");
@@ -169,37 +170,64 @@ fn help_is_there_for_every_command() {
     assert!(out.status.success());
 }
 
+/// Both measures (the 4-gram model and the teacher LM) put held-out human references near 1 and
+/// the same words shuffled far above; the repetition rate sees the stutter added to them.
 #[test]
 fn human_references_score_near_one_and_shuffled_words_far_above() {
     let refs = dlm_generator_refs();
     let dir = tempfile::tempdir().unwrap();
-    let human = dir.path().join("human.txt");
-    std::fs::write(&human, refs.join("\n")).unwrap();
-    let out = run(
-        "dlm-generator",
-        &["eval-fluency", "--input", human.to_str().unwrap(), "--json"],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
-    let ratio = report["ratio"].as_f64().unwrap();
+    let score = |name: &str, texts: &[String]| -> serde_json::Value {
+        let path = dir.path().join(name);
+        std::fs::write(&path, texts.join("\n")).unwrap();
+        let out = run(
+            "dlm-generator",
+            &["eval-fluency", "--input", path.to_str().unwrap(), "--json"],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_str(&stdout(&out)).unwrap()
+    };
+    let human = score("human.txt", &refs);
+    let ratio = human["ratio"].as_f64().unwrap();
     assert!((0.7..1.5).contains(&ratio), "human text scored {ratio}");
+    let teacher = human["teacher"]["ratio"].as_f64().unwrap();
+    assert!(
+        (0.8..1.25).contains(&teacher),
+        "teacher: human text scored {teacher}"
+    );
+    assert!(
+        human["samples_repetition"].as_f64().unwrap() < 0.02,
+        "{human}"
+    );
 
+    // Each reference's words in another order (a fixed permutation: the same multiset of words).
     let shuffled: Vec<String> = refs
         .iter()
         .map(|r| {
-            let mut w: Vec<&str> = r.split(' ').collect();
-            w.reverse();
-            w.join(" ")
+            let w: Vec<&str> = r.split(' ').collect();
+            let mut order: Vec<usize> = (0..w.len()).collect();
+            order.sort_by_key(|&i| (i * 7919 + 13) % 31);
+            order.iter().map(|&i| w[i]).collect::<Vec<_>>().join(" ")
         })
         .collect();
-    let salad = dir.path().join("salad.txt");
-    std::fs::write(&salad, shuffled.join("\n")).unwrap();
-    let out = run(
-        "dlm-generator",
-        &["eval-fluency", "--input", salad.to_str().unwrap(), "--json"],
-    );
-    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
-    assert!(report["ratio"].as_f64().unwrap() > 5.0 * ratio, "{report}");
+    let salad = score("salad.txt", &shuffled);
+    assert!(salad["ratio"].as_f64().unwrap() > 5.0 * ratio, "{salad}");
+    let salad_teacher = salad["teacher"]["ratio"].as_f64().unwrap();
+    assert!(salad_teacher > 5.0 * teacher, "teacher: {salad}");
+
+    // The stutters guidance made, added to a fifth of the references.
+    let stuttered: Vec<String> = refs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| match i % 10 {
+            0 => r.replacen(" is ", " is is ", 1),
+            5 => format!("there is a a {r}"),
+            _ => r.clone(),
+        })
+        .collect();
+    let rate = score("stutter.txt", &stuttered)["samples_repetition"]
+        .as_f64()
+        .unwrap();
+    assert!((0.15..0.25).contains(&rate), "repetition {rate}");
 }
 
 /// Some E2E dev references (not in the LM's training text).

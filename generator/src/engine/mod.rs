@@ -12,6 +12,7 @@ use candle_core::Tensor;
 use rand::rngs::StdRng;
 use tokio::sync::mpsc;
 
+use crate::diffusion::likelihood::reconstruction_log_prob;
 use crate::diffusion::sampler::{add_noise, normal_noise, reverse_step, sequence_rng, SeqStep};
 use crate::diffusion::{NoiseSchedule, SamplerKind};
 use crate::guidance::{self, GuidanceConfig, RegisteredGuide};
@@ -37,6 +38,8 @@ pub struct Control {
 /// A validated generation request (the server builds it from the wire).
 pub struct Job {
     pub n: usize,
+    /// Candidates per text (≥ 1): the best by model log p + guides' log p is returned.
+    pub best_of: usize,
     pub steps: usize,
     pub sampler: SamplerKind,
     pub seed: u64,
@@ -55,6 +58,15 @@ pub struct GeneratedText {
     pub tokens: Vec<String>,
     /// Final log p(c | x) per control, in control order.
     pub scores: Vec<(String, f32)>,
+    /// The model's reconstruction log p of the text (computed when candidates are ranked).
+    pub model_log_prob: Option<f32>,
+}
+
+impl GeneratedText {
+    /// What best-of-k maximises: log p(text) + Σ log p(c | text), in nats.
+    fn rank(&self) -> f32 {
+        self.model_log_prob.unwrap_or(0.0) + self.scores.iter().map(|(_, s)| s).sum::<f32>()
+    }
 }
 
 pub struct Generated {
@@ -127,6 +139,9 @@ impl Running {
     }
 }
 
+/// Mixed into a request's seed for the noise that scores its candidates (not the sampling noise).
+const CANDIDATE_SCORE_STREAM: u64 = 0x5C0E_5C0E_5C0E_5C0E;
+
 /// A sequence a guide steers this step: (batch row, targets, weight).
 type GuidedRow = (usize, Vec<i64>, f32);
 
@@ -149,7 +164,11 @@ pub fn start(
     std::thread::Builder::new()
         .name("dlm-engine".into())
         .spawn(move || {
+            let cfg = &model.model.config;
+            let train_schedule = NoiseSchedule::new(cfg.schedule, cfg.diffusion_steps)
+                .expect("a loaded model's schedule is valid");
             let mut engine = Engine {
+                train_schedule,
                 model,
                 rt,
                 options,
@@ -170,6 +189,8 @@ struct Engine {
     running: Vec<Option<Running>>,
     seqs: Vec<Seq>,
     waiting: VecDeque<usize>,
+    /// The model's training schedule (candidates are scored at its noise levels).
+    train_schedule: NoiseSchedule,
 }
 
 impl Engine {
@@ -215,7 +236,7 @@ impl Engine {
                 return;
             }
         };
-        let n = s.job.n;
+        let n = s.job.n * s.job.best_of;
         self.running.push(Some(Running {
             job: s.job,
             schedule,
@@ -281,7 +302,7 @@ impl Engine {
             };
             let slot = r.next_slot;
             r.next_slot += 1;
-            if r.next_slot >= r.job.n {
+            if r.next_slot >= r.results.len() {
                 self.waiting.pop_front();
             }
             let mut rng = sequence_rng(r.job.seed, slot);
@@ -460,8 +481,11 @@ impl Engine {
                     .map_err(|e| Error::Internal(e.to_string()))
                     .and_then(|r| r);
                 match result {
-                    Ok((_, grad)) => {
+                    Ok((log_p, grad)) => {
                         for (j, (b, _, w)) in rows.iter().enumerate() {
+                            if config_of(*b).satisfied(log_p[j]) {
+                                continue;
+                            }
                             for i in 0..per {
                                 grad_sum[b * per + i] += w * grad[j * per + i];
                             }
@@ -675,10 +699,47 @@ impl Engine {
             .collect())
     }
 
+    /// The model's reconstruction log p of finished texts whose request ranks candidates, in one
+    /// batch; each text's noise comes from its own stream (request seed, slot), so its score does
+    /// not depend on what finished beside it.
+    fn score_candidates(&self, finished: &mut [(usize, usize, GeneratedText)]) -> Result<()> {
+        let lm = &self.model.model;
+        let l = lm.config.seq_len;
+        let ranked: Vec<usize> = (0..finished.len())
+            .filter(|&i| {
+                self.running[finished[i].0]
+                    .as_ref()
+                    .is_some_and(|r| r.job.best_of > 1)
+            })
+            .collect();
+        if ranked.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<u32> = ranked
+            .iter()
+            .flat_map(|&i| finished[i].2.ids.clone())
+            .collect();
+        let ids = Tensor::from_vec(ids, (ranked.len(), l), lm.device())?;
+        let mut rngs: Vec<StdRng> = ranked
+            .iter()
+            .map(|&i| {
+                let (run, slot, _) = &finished[i];
+                let seed = self.running[*run].as_ref().expect("ranked run").job.seed;
+                sequence_rng(seed ^ CANDIDATE_SCORE_STREAM, *slot)
+            })
+            .collect();
+        let log_p = reconstruction_log_prob(lm, &self.train_schedule, &ids, &mut rngs)?;
+        for (&i, lp) in ranked.iter().zip(log_p) {
+            finished[i].2.model_log_prob = Some(lp);
+        }
+        Ok(())
+    }
+
     /// Rounds the rows that reached step 0, scores them, and answers the requests now complete.
     fn finish(&mut self, rows: &[usize], x_final: &Tensor) -> Result<()> {
         let tok = &self.model.tokenizer;
         let scores = self.final_scores(rows, x_final)?;
+        let mut finished = Vec::with_capacity(rows.len());
         for (&b, scores) in rows.iter().zip(scores) {
             let s = &self.seqs[b];
             let (run, slot) = (s.run, s.slot);
@@ -691,13 +752,22 @@ impl Engine {
                 .map(|id| tok.id_to_token(id).unwrap_or_default())
                 .collect();
             let text = tok.decode(&ids);
-            if let Some(r) = self.running[run].as_mut() {
-                r.results[slot] = Some(GeneratedText {
+            finished.push((
+                run,
+                slot,
+                GeneratedText {
                     ids,
                     text,
                     tokens,
                     scores: scores.into_iter().flatten().collect(),
-                });
+                    model_log_prob: None,
+                },
+            ));
+        }
+        self.score_candidates(&mut finished)?;
+        for (run, slot, text) in finished {
+            if let Some(r) = self.running[run].as_mut() {
+                r.results[slot] = Some(text);
             }
         }
         // Answer completed requests and drop their sequences.
@@ -713,8 +783,19 @@ impl Engine {
             }
             let r = self.running[i].take().expect("complete run");
             let now = Instant::now();
+            let k = r.job.best_of.max(1);
+            let mut candidates = r.results.into_iter().map(|x| x.expect("done"));
+            let samples = (0..r.job.n)
+                .map(|_| {
+                    candidates
+                        .by_ref()
+                        .take(k)
+                        .reduce(|best, c| if c.rank() > best.rank() { c } else { best })
+                        .expect("k ≥ 1 candidates")
+                })
+                .collect();
             let generated = Generated {
-                samples: r.results.into_iter().map(|x| x.expect("done")).collect(),
+                samples,
                 seed: r.job.seed,
                 queue_ms: r.started.duration_since(r.submitted).as_secs_f64() * 1e3,
                 sampling_ms: now.duration_since(r.started).as_secs_f64() * 1e3 - r.guidance_ms,

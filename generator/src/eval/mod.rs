@@ -3,6 +3,7 @@
 pub mod control;
 pub mod device_parity;
 pub mod fluency;
+pub mod repetition;
 pub mod report;
 
 pub use fluency::{KneserNey, Perplexity};

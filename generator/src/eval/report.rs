@@ -1,6 +1,8 @@
-//! What the E2E quality targets look at, in one report: 4-gram perplexity of samples and of the human
-//! test references (and their ratio), how often sentences end with final punctuation, how many
-//! contain an unknown word, and how many are verbatim copies of a training reference.
+//! What the E2E quality targets look at, in one report: teacher-LM perplexity of samples and of the
+//! human dev references (and their ratio), the repetition rate of both, 4-gram perplexity of samples
+//! and of the human test references (and their ratio), how often sentences end with final
+//! punctuation, how many contain an unknown word, and how many are verbatim copies of a training
+//! reference. Texts are scored exactly as given.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -8,12 +10,20 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::fluency::{KneserNey, Perplexity};
+use super::repetition::repetition_rate;
+use crate::model::teacher_lm::{LoadedTeacher, TeacherPerplexity};
 use crate::text::tokenizer::{words, UNK};
-use crate::train::data::{references, TEST_FILE, TRAIN_FILE};
+use crate::train::data::{references, DEV_FILE, TEST_FILE, TRAIN_FILE};
 use crate::Result;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct FluencyReport {
+    /// Under the teacher LM, against the dev references (E2E's test references score much higher
+    /// under an LM of the train references: another mix of MRs).
+    pub teacher: TeacherScores,
+    /// Share of texts with a word or bigram repeated back to back.
+    pub samples_repetition: f64,
+    pub dev_references_repetition: f64,
     pub order: usize,
     pub samples: Perplexity,
     pub test_references: Perplexity,
@@ -23,6 +33,14 @@ pub struct FluencyReport {
     pub references_final_punctuation: f64,
     pub samples_with_unk: f64,
     pub samples_copied_from_train: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TeacherScores {
+    pub samples: TeacherPerplexity,
+    pub dev_references: TeacherPerplexity,
+    /// samples ÷ dev references: 1 reads like E2E's own text, higher is less fluent.
+    pub ratio: f64,
 }
 
 fn normalized(text: &str) -> String {
@@ -35,15 +53,30 @@ fn final_punctuation_share(texts: &[String]) -> f64 {
 }
 
 impl FluencyReport {
-    pub fn compute(data_dir: &Path, samples: &[String], order: usize) -> Result<Self> {
+    pub fn compute(
+        data_dir: &Path,
+        samples: &[String],
+        order: usize,
+        teacher: &LoadedTeacher,
+    ) -> Result<Self> {
         let train = references(data_dir, TRAIN_FILE)?;
         let test = references(data_dir, TEST_FILE)?;
+        let dev = references(data_dir, DEV_FILE)?;
+        let (teacher_samples, teacher_dev) =
+            (teacher.perplexity(samples)?, teacher.perplexity(&dev)?);
         let lm = KneserNey::fit(train.iter().map(String::as_str), order);
         let sample_ppl = lm.perplexity(samples.iter().map(String::as_str));
         let test_ppl = lm.perplexity(test.iter().map(String::as_str));
         let train_set: HashSet<String> = train.iter().map(|t| normalized(t)).collect();
         let n = samples.len().max(1) as f64;
         Ok(Self {
+            teacher: TeacherScores {
+                ratio: teacher_samples.perplexity / teacher_dev.perplexity,
+                samples: teacher_samples,
+                dev_references: teacher_dev,
+            },
+            samples_repetition: repetition_rate(samples),
+            dev_references_repetition: repetition_rate(&dev),
             order,
             ratio: sample_ppl.perplexity / test_ppl.perplexity,
             samples: sample_ppl,
@@ -62,13 +95,21 @@ impl FluencyReport {
     /// A plain-text table for terminals and READMEs.
     pub fn table(&self) -> String {
         format!(
-            "| measure | samples | E2E test references |\n|---|---:|---:|\n\
-             | sentences | {} | {} |\n\
-             | {}-gram KN perplexity | {:.2} | {:.2} |\n\
-             | perplexity ratio (samples ÷ references) | {:.3} | 1.000 |\n\
+            "| measure | samples | E2E references |\n|---|---:|---:|\n\
+             | teacher LM perplexity (vs dev references) | {:.2} | {:.2} |\n\
+             | teacher perplexity ratio (samples ÷ references) | {:.3} | 1.000 |\n\
+             | repetition (word or bigram repeated back to back) | {:.1}% | {:.1}% |\n\
+             | sentences (test references) | {} | {} |\n\
+             | {}-gram KN perplexity (vs test references) | {:.2} | {:.2} |\n\
+             | n-gram perplexity ratio (samples ÷ references) | {:.3} | 1.000 |\n\
              | end with . ! ? | {:.1}% | {:.1}% |\n\
              | contain UNK | {:.1}% | – |\n\
              | exact copies of a train reference | {:.1}% | – |\n",
+            self.teacher.samples.perplexity,
+            self.teacher.dev_references.perplexity,
+            self.teacher.ratio,
+            100.0 * self.samples_repetition,
+            100.0 * self.dev_references_repetition,
             self.samples.sentences,
             self.test_references.sentences,
             self.order,

@@ -12,6 +12,10 @@ pub enum GuidanceUpdate {
     Adagrad,
     /// Signed gradient steps.
     Sign,
+    /// Adagrad with one accumulator per text instead of per coordinate: the text's gradient as a
+    /// whole is normalised, so a coordinate the classifier barely reads moves barely, where
+    /// per-coordinate Adagrad moves every coordinate of every position by about the step size.
+    Normalized,
 }
 
 /// Guidance settings; the defaults are the paper's.
@@ -26,6 +30,10 @@ pub struct GuidanceConfig {
     pub start_step: Option<usize>,
     /// ...and above this: no guidance in the last `stop_step` steps.
     pub stop_step: usize,
+    /// A guide leaves a text alone while its p(c | x) is at least this (≥ 1: never). Without it,
+    /// a satisfied classifier still gets a full step — Adagrad normalises the gradient's size away —
+    /// and the easiest way to raise p further is to say the value again: "italian italian".
+    pub satisfied_prob: f32,
 }
 
 impl Default for GuidanceConfig {
@@ -37,6 +45,7 @@ impl Default for GuidanceConfig {
             fluency_weight: 0.01,
             start_step: None,
             stop_step: 10,
+            satisfied_prob: 0.9,
         }
     }
 }
@@ -45,6 +54,11 @@ impl GuidanceConfig {
     /// Whether a sequence at step `index` (counting down to 0) is guided.
     pub fn active(&self, index: usize) -> bool {
         index > self.stop_step && self.start_step.is_none_or(|s| index <= s)
+    }
+
+    /// Whether a guide that gives a text `log_p` = log p(c | x) leaves it alone this step.
+    pub fn satisfied(&self, log_p: f32) -> bool {
+        self.satisfied_prob < 1.0 && log_p >= self.satisfied_prob.ln()
     }
 }
 
@@ -59,15 +73,29 @@ pub fn update(
     state: &mut [f32],
 ) {
     let sigma = sigma.max(1e-4);
-    for i in 0..y.len() {
-        // ∂/∂y [ −λ ‖y − μ‖² / σ ] = −2λ (y − μ) / σ
-        let grad = g[i] - 2.0 * config.fluency_weight * (y[i] - mean[i]) / sigma;
-        match config.update {
-            GuidanceUpdate::Adagrad => {
-                state[i] += grad * grad;
-                y[i] += config.step_size * grad / (state[i].sqrt() + 1e-10);
+    // ∂/∂y [ −λ ‖y − μ‖² / σ ] = −2λ (y − μ) / σ
+    let grads: Vec<f32> = (0..y.len())
+        .map(|i| g[i] - 2.0 * config.fluency_weight * (y[i] - mean[i]) / sigma)
+        .collect();
+    match config.update {
+        GuidanceUpdate::Adagrad => {
+            for ((yi, si), gi) in y.iter_mut().zip(state.iter_mut()).zip(grads) {
+                *si += gi * gi;
+                *yi += config.step_size * gi / (si.sqrt() + 1e-10);
             }
-            GuidanceUpdate::Sign => y[i] += config.step_size * grad.signum(),
+        }
+        GuidanceUpdate::Sign => {
+            for (yi, gi) in y.iter_mut().zip(grads) {
+                *yi += config.step_size * gi.signum();
+            }
+        }
+        GuidanceUpdate::Normalized => {
+            // state[0] accumulates the mean square over the text: its RMS moves by step_size.
+            state[0] += grads.iter().map(|v| v * v).sum::<f32>() / y.len().max(1) as f32;
+            let scale = config.step_size / (state[0].sqrt() + 1e-10);
+            for (yi, gi) in y.iter_mut().zip(grads) {
+                *yi += scale * gi;
+            }
         }
     }
 }
@@ -85,6 +113,12 @@ mod tests {
             ..c
         };
         assert!(!c2.active(51) && c2.active(50));
+        assert!(c.satisfied(0.95f32.ln()) && !c.satisfied(0.5f32.ln()));
+        let always = GuidanceConfig {
+            satisfied_prob: 1.0,
+            ..c
+        };
+        assert!(!always.satisfied(0.0));
         // With no fluency pull, y moves along the gradient.
         let mut y = vec![0.0, 0.0];
         let mut state = vec![0.0, 0.0];

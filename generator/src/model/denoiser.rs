@@ -6,90 +6,10 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use super::attention::{multi_head_attention, packed_attention_inference};
 use super::config::ModelConfig;
-use super::layers::{
-    dense_residual_inference, linear, mlp_residual_inference, timestep_embedding, LayerNorm, Linear,
-};
-use super::ops::{gelu, tanh};
-
-#[derive(Debug, Clone)]
-struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out: Linear,
-    heads: usize,
-}
-
-impl Attention {
-    fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
-        let h = cfg.hidden;
-        Ok(Self {
-            q: linear(h, h, vb.pp("q"))?,
-            k: linear(h, h, vb.pp("k"))?,
-            v: linear(h, h, vb.pp("v"))?,
-            out: linear(h, h, vb.pp("out"))?,
-            heads: cfg.heads,
-        })
-    }
-
-    /// x: [B, L, H]
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
-        self.out
-            .forward(&multi_head_attention(&q, &k, &v, self.heads)?)
-    }
-
-    /// residual + forward(x) for inference on the CPU: q, k and v from one product with the
-    /// stacked weights (stacked per call: 3·H² floats, and never stale in training), read in
-    /// place by the attention kernel; the output projection accumulates onto residual + bias.
-    fn forward_residual_inference(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        let qkv = Linear::stacked(&[&self.q, &self.k, &self.v])?.forward(x)?;
-        let context = packed_attention_inference(&qkv, self.heads)?;
-        dense_residual_inference(&context, &self.out, residual)
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Block {
-    ln_attn: LayerNorm,
-    attn: Attention,
-    ln_mlp: LayerNorm,
-    fc_in: Linear,
-    fc_out: Linear,
-}
-
-impl Block {
-    fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
-        let h = cfg.hidden;
-        Ok(Self {
-            ln_attn: LayerNorm::new(h, vb.pp("ln_attn"))?,
-            attn: Attention::new(cfg, vb.pp("attn"))?,
-            ln_mlp: LayerNorm::new(h, vb.pp("ln_mlp"))?,
-            fc_in: linear(h, h * cfg.mlp_ratio, vb.pp("fc_in"))?,
-            fc_out: linear(h * cfg.mlp_ratio, h, vb.pp("fc_out"))?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let normed = self.ln_attn.forward(x)?;
-        if x.device().is_cpu() && !normed.track_op() {
-            // Inference (plain-tensor weights, nothing recorded for a backward pass): kernels that
-            // keep no intermediate for gradients and fold the residual sums into the products.
-            let x = self.attn.forward_residual_inference(&normed, x)?;
-            return mlp_residual_inference(
-                &self.ln_mlp.forward(&x)?,
-                &self.fc_in,
-                &self.fc_out,
-                &x,
-            );
-        }
-        let x = (x + self.attn.forward(&normed)?)?;
-        let mlp = gelu(&self.fc_in.forward(&self.ln_mlp.forward(&x)?)?)?;
-        x + self.fc_out.forward(&mlp)?
-    }
-}
+use super::layers::{linear, timestep_embedding, LayerNorm, Linear};
+use super::ops::tanh;
+use super::transformer::{Block, BlockConfig};
 
 #[derive(Debug, Clone)]
 pub struct Denoiser {
@@ -110,7 +30,7 @@ impl Denoiser {
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
         let (d, h) = (cfg.embed_dim, cfg.hidden);
         let blocks = (0..cfg.layers)
-            .map(|i| Block::new(cfg, vb.pp(format!("blocks.{i}"))))
+            .map(|i| Block::new(BlockConfig::encoder(cfg), vb.pp(format!("blocks.{i}"))))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             up_in: linear(

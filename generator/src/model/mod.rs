@@ -10,6 +10,8 @@ pub mod init;
 pub mod layers;
 mod matmul;
 pub mod ops;
+pub mod teacher_lm;
+pub mod transformer;
 
 pub use config::ModelConfig;
 pub use diffusion_lm::{DiffusionLm, LoadedModel};

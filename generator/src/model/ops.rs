@@ -788,14 +788,20 @@ pub fn tanh(x: &Tensor) -> Result<Tensor> {
 
 /// Mean cross-entropy of logits [N, V] against targets [N] (u32).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    token_cross_entropy(logits, targets)?.mean_all()
+}
+
+/// Cross-entropy of each row of logits [N, V] against its target [N] (u32): −log softmax at the
+/// target, [N].
+pub fn token_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let targets = targets.to_dtype(DType::U32)?.contiguous()?;
     if logits.device().is_cpu() {
-        let targets = targets.to_dtype(DType::U32)?.contiguous()?;
-        logits
-            .contiguous()?
-            .apply_op2(&targets, CrossEntropy)?
-            .mean_all()
+        logits.contiguous()?.apply_op2(&targets, CrossEntropy)
     } else {
-        candle_nn::loss::cross_entropy(logits, targets)
+        candle_nn::ops::log_softmax(logits, D::Minus1)?
+            .gather(&targets.unsqueeze(1)?, 1)?
+            .squeeze(1)?
+            .neg()
     }
 }
 

@@ -60,6 +60,16 @@ impl GeneratorService {
                 format!("must be between 1 and {}, got {n}", self.limits.max_n),
             ));
         }
+        let best_of = r.best_of.unwrap_or(1) as usize;
+        if best_of == 0 || n * best_of > self.limits.max_n {
+            return Err(Error::invalid(
+                "best_of",
+                format!(
+                    "must be at least 1 with n × best_of at most {}, got {n} × {best_of}",
+                    self.limits.max_n
+                ),
+            ));
+        }
         let steps = r
             .steps
             .map(|s| s as usize)
@@ -168,12 +178,21 @@ impl GeneratorService {
                 .unwrap_or(pb::GuidanceUpdate::Unspecified)
             {
                 pb::GuidanceUpdate::Sign => GuidanceUpdate::Sign,
-                _ => GuidanceUpdate::Adagrad,
+                pb::GuidanceUpdate::Adagrad => GuidanceUpdate::Adagrad,
+                pb::GuidanceUpdate::Normalized => GuidanceUpdate::Normalized,
+                pb::GuidanceUpdate::Unspecified => d.update,
             },
             fluency_weight: g.fluency_weight.unwrap_or(d.fluency_weight),
             start_step: g.start_step.map(|v| v as usize),
             stop_step: g.stop_step.map(|v| v as usize).unwrap_or(d.stop_step),
+            satisfied_prob: g.satisfied_prob.unwrap_or(d.satisfied_prob),
         };
+        if !(guidance.satisfied_prob > 0.0 && guidance.satisfied_prob <= 1.0) {
+            return Err(Error::invalid(
+                "guidance.satisfied_prob",
+                "must be in (0, 1]",
+            ));
+        }
         if guidance.steps_per_diffusion_step > 50 {
             return Err(Error::invalid(
                 "guidance.steps_per_diffusion_step",
@@ -188,6 +207,7 @@ impl GeneratorService {
         }
         Ok(Job {
             n,
+            best_of,
             steps,
             sampler,
             seed: r.seed.unwrap_or_else(rand::random),
@@ -230,6 +250,7 @@ fn to_wire(g: Generated) -> pb::GenerateResponse {
                     .into_iter()
                     .map(|(guide, log_prob)| pb::GuideScore { guide, log_prob })
                     .collect(),
+                model_log_prob: s.model_log_prob,
             })
             .collect(),
         seed: g.seed,

@@ -9,6 +9,7 @@ pub mod log;
 pub mod loss;
 pub mod optim;
 pub mod step;
+pub mod teacher;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

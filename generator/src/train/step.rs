@@ -85,6 +85,21 @@ pub fn step_gradients(
         rounding += w * r;
         shard_grads.push((w, grads));
     }
+    let grads = weighted_sum(vars, shard_grads)?;
+    Ok(StepGradients {
+        mse,
+        prior,
+        rounding,
+        grads,
+    })
+}
+
+/// Σ w · gradients over the shards' stores, per variable of `vars` (shards weighted by their share
+/// of the batch, so that the result is the gradient of the whole batch's mean loss).
+pub fn weighted_sum(
+    vars: &[(String, Var)],
+    mut shard_grads: Vec<(f64, GradStore)>,
+) -> Result<GradStore> {
     let mut combined: Vec<(Tensor, Tensor)> = Vec::new();
     if shard_grads.len() > 1 {
         for (_, var) in vars {
@@ -103,15 +118,10 @@ pub fn step_gradients(
             }
         }
     }
-    // The first shard's store (GradStore has no public constructor) receives the averages.
+    // The first shard's store (GradStore has no public constructor) receives the sums.
     let mut grads = shard_grads.swap_remove(0).1;
     for (var, g) in combined {
         grads.insert(&var, g);
     }
-    Ok(StepGradients {
-        mse,
-        prior,
-        rounding,
-        grads,
-    })
+    Ok(grads)
 }
