@@ -93,7 +93,7 @@ struct GuidanceArgs {
     /// Gradient steps on the latents per diffusion step (default 3).
     #[arg(long, env = "DLM_GUIDANCE_STEPS")]
     guidance_steps: Option<u32>,
-    /// Step size of each gradient step (default 0.1).
+    /// Step size of each gradient step (default 0.2).
     #[arg(long, env = "DLM_STEP_SIZE")]
     step_size: Option<f32>,
     /// The update rule: adagrad (the paper's, per coordinate), normalized (one accumulator per
@@ -109,7 +109,7 @@ struct GuidanceArgs {
     /// Guide down to this sampling step (default: none in the last 10).
     #[arg(long, env = "DLM_GUIDE_UNTIL")]
     guide_until: Option<u32>,
-    /// A guide stops pulling a text while its p(c | x) is at least this (default 0.9; 1 = always).
+    /// A guide stops pulling a text while its p(c | x) is at least this (default 1 = always pull).
     #[arg(long, env = "DLM_SATISFIED_PROB")]
     satisfied_prob: Option<f32>,
 }
@@ -343,7 +343,7 @@ struct TrainTeacherArgs {
     /// Output directory (teacher.json, model.safetensors, tokenizer.json, train_log.jsonl).
     #[arg(long, env = "DLM_OUT", default_value = "models/teacher-lm")]
     out: PathBuf,
-    #[arg(long, env = "DLM_STEPS", default_value_t = 6000)]
+    #[arg(long, env = "DLM_STEPS", default_value_t = 4000)]
     steps: usize,
     #[arg(long, env = "DLM_BATCH_SIZE", default_value_t = 64)]
     batch_size: usize,

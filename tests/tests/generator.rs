@@ -91,6 +91,36 @@ async fn guided_beats_unguided_and_same_seed_same_text() {
     assert_eq!(again, guided, "same seed and request, different text");
 }
 
+/// The README's demo request stuttered under the paper's per-coordinate Adagrad ("the olive grove
+/// serves italian italian food in the riverside ."); with the default update none of its texts
+/// repeats a word or bigram back to back — and the paper's update, asked for, still does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_request_that_stuttered_no_longer_does() {
+    use dlm_generator::eval::repetition::stutters;
+    let (_guide, generator) = stack().await;
+    let mut client = generator.client().await;
+    let demo = request(3, 200, 1, &["food=Italian", "area=riverside"]);
+    let texts: Vec<String> = client
+        .generate(demo.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .samples
+        .into_iter()
+        .map(|s| s.text)
+        .collect();
+    assert!(texts.iter().all(|t| !stutters(t)), "{texts:#?}");
+    assert!(texts.iter().all(|t| t.contains("italian")), "{texts:#?}");
+    let mut paper = demo;
+    paper.guidance = Some(pb::Guidance {
+        update: pb::GuidanceUpdate::Adagrad as i32,
+        step_size: Some(0.1),
+        ..Default::default()
+    });
+    let before = client.generate(paper).await.unwrap().into_inner().samples;
+    assert!(stutters(&before[0].text), "{:?}", before[0].text);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exact_length_and_infilling_hold_every_time() {
     let (_guide, generator) = stack().await;
@@ -113,6 +143,68 @@ async fn exact_length_and_infilling_hold_every_time() {
         assert_eq!(s.tokens[0], "the", "{:?}", s.text);
         assert_eq!(&s.tokens[3..5], ["is", "a"], "{:?}", s.text);
     }
+}
+
+/// best_of k: each text is the best of k candidates by the model's reconstruction log p plus the
+/// guides' log p, so the returned text is one of the k texts the same seed samples as n × k plain
+/// texts would be (candidate j of text i is slot i·k + j), with the model's log p beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn best_of_returns_the_highest_ranked_of_its_candidates() {
+    let (_guide, generator) = stack().await;
+    let mut client = generator.client().await;
+    let (n, k) = (2usize, 3usize);
+    let mut all = request((n * k) as u32, 30, 11, &["food=Italian"]);
+    all.best_of = Some(1);
+    let candidates = client.generate(all).await.unwrap().into_inner().samples;
+    assert!(candidates.iter().all(|s| s.model_log_prob.is_none()));
+    let mut ranked = request(n as u32, 30, 11, &["food=Italian"]);
+    ranked.best_of = Some(k as u32);
+    let best = client.generate(ranked).await.unwrap().into_inner().samples;
+    assert_eq!(best.len(), n);
+    for (i, b) in best.iter().enumerate() {
+        let group: Vec<&str> = candidates[i * k..(i + 1) * k]
+            .iter()
+            .map(|s| s.text.as_str())
+            .collect();
+        assert!(
+            group.contains(&b.text.as_str()),
+            "{:?} not in {group:?}",
+            b.text
+        );
+        let lp = b
+            .model_log_prob
+            .expect("ranked texts carry the model's log p");
+        assert!(lp.is_finite() && lp < 0.0, "{lp}");
+        assert_eq!(b.scores.len(), 1);
+    }
+}
+
+/// The satisfaction gate reads the guide on the x0 estimate: at a threshold every text meets from
+/// the first step, no text is ever pulled, so the guided texts are the unguided ones (same seed) —
+/// still scored by the guide.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_satisfied_guide_leaves_the_text_alone() {
+    let (_guide, generator) = stack().await;
+    let mut client = generator.client().await;
+    let texts = |r: pb::GenerateResponse| r.samples.into_iter().map(|s| s.text).collect::<Vec<_>>();
+    let unguided = texts(
+        client
+            .generate(request(3, 30, 5, &[]))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let mut gated = request(3, 30, 5, &["food=Italian"]);
+    gated.guidance = Some(pb::Guidance {
+        satisfied_prob: Some(1e-12),
+        ..Default::default()
+    });
+    let resp = client.generate(gated.clone()).await.unwrap().into_inner();
+    assert!(resp.samples.iter().all(|s| s.scores.len() == 1));
+    assert_eq!(texts(resp), unguided);
+    gated.guidance = None;
+    let pulled = texts(client.generate(gated).await.unwrap().into_inner());
+    assert_ne!(pulled, unguided, "without the gate the guide steers");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -143,6 +235,20 @@ async fn bad_requests_are_invalid_argument_naming_the_problem() {
     let mut r = request(1, 10, 1, &[]);
     r.length = Some(500);
     cases.push((r, "`length`"));
+    for best_of in [0, 5] {
+        // 4 × 5 candidates exceed --max-n 16.
+        let mut r = request(4, 10, 1, &[]);
+        r.best_of = Some(best_of);
+        cases.push((r, "`best_of`"));
+    }
+    for p in [0.0, 1.5, f32::NAN] {
+        let mut r = request(1, 10, 1, &["food=Italian"]);
+        r.guidance = Some(pb::Guidance {
+            satisfied_prob: Some(p),
+            ..Default::default()
+        });
+        cases.push((r, "`guidance.satisfied_prob`"));
+    }
     for (req, needle) in cases {
         let err = client.generate(req).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{err}");

@@ -355,7 +355,8 @@ impl Engine {
         let per = l * d;
 
         // Guidance: for each guide, one batched call per gradient step for all sequences it steers.
-        let failed = self.guide(&mut mean, &proposal.sigma, per)?;
+        let x0_flat = proposal.x0.flatten_all()?.to_vec1::<f32>()?;
+        let failed = self.guide(&mut mean, &x0_flat, &proposal.sigma, per)?;
 
         let mean = Tensor::from_vec(mean, (self.seqs.len(), l, d), &device)?;
         let mut noise_rows = Vec::with_capacity(self.seqs.len());
@@ -393,16 +394,89 @@ impl Engine {
         Ok(())
     }
 
-    /// Runs the guidance loop on the flat proposal means of guided sequences. Returns the requests
-    /// to fail because a guide they need failed (the others go on).
+    /// One batched ModelInfer on the runtime: log p and its gradient for `lat` [rows, L, D].
+    fn call_guide(
+        &self,
+        g: &Arc<RegisteredGuide>,
+        lat: Vec<f32>,
+        ts: Vec<i64>,
+        tg: Vec<i64>,
+    ) -> tokio::task::JoinHandle<Result<(Vec<f32>, Vec<f32>)>> {
+        let cfg = &self.model.model.config;
+        let (l, d) = (cfg.seq_len, cfg.embed_dim);
+        let (client, fields, name) = (g.client.clone(), g.fields.len(), g.name.clone());
+        let b = ts.len();
+        let call_started = Instant::now();
+        self.rt.spawn(async move {
+            let out = client.gradient(&lat, (b, l, d), &ts, &tg, fields).await;
+            metrics::histogram!("dlm_generator_guide_seconds", "guide" => name)
+                .record(call_started.elapsed().as_secs_f64());
+            out
+        })
+    }
+
+    /// Drops from `by_guide` the rows whose request gates on satisfaction and whose current x0
+    /// estimate the guide already reads as its targets (p(c | x̂0) at t = 0 at least the
+    /// request's `satisfied_prob`): the text says it already, and pulling further only makes
+    /// it say it twice. One call per guide; a guide that fails here keeps all its rows.
+    fn drop_satisfied(
+        &self,
+        by_guide: &mut Vec<(Arc<RegisteredGuide>, Vec<GuidedRow>)>,
+        x0: &[f32],
+        per: usize,
+    ) {
+        let gated = |b: usize| {
+            self.running[self.seqs[b].run]
+                .as_ref()
+                .is_some_and(|r| r.job.guidance.satisfied_prob < 1.0)
+        };
+        let calls: Vec<_> = by_guide
+            .iter()
+            .map(|(g, rows)| {
+                let asked: Vec<&GuidedRow> = rows.iter().filter(|r| gated(r.0)).collect();
+                if asked.is_empty() {
+                    return None;
+                }
+                let lat = asked
+                    .iter()
+                    .flat_map(|r| x0[r.0 * per..(r.0 + 1) * per].iter().copied())
+                    .collect();
+                let tg = asked.iter().flat_map(|r| r.1.iter().copied()).collect();
+                let rows: Vec<usize> = asked.iter().map(|r| r.0).collect();
+                Some((rows, self.call_guide(g, lat, vec![0; asked.len()], tg)))
+            })
+            .collect();
+        for ((_, rows), call) in by_guide.iter_mut().zip(calls) {
+            let Some((asked, handle)) = call else {
+                continue;
+            };
+            let Ok(Ok((log_p, _))) = self.rt.block_on(handle) else {
+                continue;
+            };
+            let satisfied: Vec<usize> = asked
+                .iter()
+                .zip(log_p)
+                .filter(|(&b, lp)| {
+                    let r = self.running[self.seqs[b].run].as_ref().expect("live run");
+                    r.job.guidance.satisfied(*lp)
+                })
+                .map(|(&b, _)| b)
+                .collect();
+            rows.retain(|r| !satisfied.contains(&r.0));
+        }
+        by_guide.retain(|(_, rows)| !rows.is_empty());
+    }
+
+    /// Runs the guidance loop on the flat proposal means of guided sequences (`x0`: the flat x0
+    /// estimates, read by the satisfaction gate). Returns the requests to fail because a guide
+    /// they need failed (the others go on).
     fn guide(
         &mut self,
         mean: &mut [f32],
+        x0: &[f32],
         sigma: &[f32],
         per: usize,
     ) -> Result<Vec<(usize, Error)>> {
-        let cfg = &self.model.model.config;
-        let (l, d) = (cfg.seq_len, cfg.embed_dim);
         let mut by_guide: Vec<(Arc<RegisteredGuide>, Vec<GuidedRow>)> = Vec::new();
         for (b, s) in self.seqs.iter().enumerate() {
             let r = self.running[s.run].as_ref().expect("live run");
@@ -417,10 +491,11 @@ impl Engine {
                 }
             }
         }
+        let started = Instant::now();
+        self.drop_satisfied(&mut by_guide, x0, per);
         if by_guide.is_empty() {
             return Ok(Vec::new());
         }
-        let started = Instant::now();
         let original = mean.to_vec();
         let mut adagrad = vec![0f32; mean.len()];
         let rows_guided: std::collections::BTreeSet<usize> = by_guide
@@ -460,17 +535,7 @@ impl Engine {
                         ts.push(t_of(*b));
                         tg.extend_from_slice(targets);
                     }
-                    let client = g.client.clone();
-                    let fields = g.fields.len();
-                    let b = rows.len();
-                    let name = g.name.clone();
-                    let call_started = Instant::now();
-                    let handle = self.rt.spawn(async move {
-                        let out = client.gradient(&lat, (b, l, d), &ts, &tg, fields).await;
-                        metrics::histogram!("dlm_generator_guide_seconds", "guide" => name)
-                            .record(call_started.elapsed().as_secs_f64());
-                        out
-                    });
+                    let handle = self.call_guide(g, lat, ts, tg);
                     (Arc::clone(g), rows.clone(), handle)
                 })
                 .collect();
@@ -481,11 +546,8 @@ impl Engine {
                     .map_err(|e| Error::Internal(e.to_string()))
                     .and_then(|r| r);
                 match result {
-                    Ok((log_p, grad)) => {
+                    Ok((_, grad)) => {
                         for (j, (b, _, w)) in rows.iter().enumerate() {
-                            if config_of(*b).satisfied(log_p[j]) {
-                                continue;
-                            }
                             for i in 0..per {
                                 grad_sum[b * per + i] += w * grad[j * per + i];
                             }

@@ -29,7 +29,12 @@ pub fn multi_head_attention(
         return q.contiguous()?.apply_op3(
             &k.contiguous()?,
             &v.contiguous()?,
-            FusedAttention { heads, causal },
+            FusedAttention {
+                heads: Heads {
+                    count: heads,
+                    causal,
+                },
+            },
         );
     }
     let hd = h / heads;
@@ -68,16 +73,16 @@ struct Dims {
 }
 
 impl Dims {
-    fn of(l: &Layout, heads: usize, causal: bool) -> Result<Self> {
+    fn of(l: &Layout, heads: Heads) -> Result<Self> {
         let (batch, len, hidden) = l.shape().dims3()?;
         Ok(Self {
             batch,
             len,
             hidden,
-            head_dim: hidden / heads,
-            heads,
+            head_dim: hidden / heads.count,
+            heads: heads.count,
             in_stride: hidden,
-            causal,
+            causal: heads.causal,
         })
     }
 
@@ -199,8 +204,7 @@ pub fn packed_attention_inference(qkv: &Tensor, heads: usize, causal: bool) -> R
 /// The q, k and v storages of one call, checked to share one [B, L, H] shape, with its dims.
 fn qkv_operands<'a>(
     op: &str,
-    heads: usize,
-    causal: bool,
+    heads: Heads,
     (sq, lq): (&'a CpuStorage, &Layout),
     (sk, lk): (&'a CpuStorage, &Layout),
     (sv, lv): (&'a CpuStorage, &Layout),
@@ -212,13 +216,19 @@ fn qkv_operands<'a>(
         contiguous_f32(sq, lq, op)?,
         contiguous_f32(sk, lk, op)?,
         contiguous_f32(sv, lv, op)?,
-        Dims::of(lq, heads, causal)?,
+        Dims::of(lq, heads)?,
     ))
 }
 
-struct FusedAttention {
-    heads: usize,
+/// The attention heads of one op: how many, and whether causal.
+#[derive(Clone, Copy)]
+struct Heads {
+    count: usize,
     causal: bool,
+}
+
+struct FusedAttention {
+    heads: Heads,
 }
 
 impl CustomOp3 for FusedAttention {
@@ -235,14 +245,7 @@ impl CustomOp3 for FusedAttention {
         sv: &CpuStorage,
         lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (q, k, v, d) = qkv_operands(
-            self.name(),
-            self.heads,
-            self.causal,
-            (sq, lq),
-            (sk, lk),
-            (sv, lv),
-        )?;
+        let (q, k, v, d) = qkv_operands(self.name(), self.heads, (sq, lq), (sk, lk), (sv, lv))?;
         Ok((CpuStorage::F32(d.forward(q, k, v)), lq.shape().clone()))
     }
 
@@ -259,7 +262,6 @@ impl CustomOp3 for FusedAttention {
             v,
             &FusedAttentionBackward {
                 heads: self.heads,
-                causal: self.causal,
                 grad: grad.contiguous()?,
             },
         )?;
@@ -272,8 +274,7 @@ impl CustomOp3 for FusedAttention {
 /// with P recomputed: dv = Pᵀ·g, dP = g·vᵀ, dS = P ⊙ (dP − rowsum(dP ⊙ P)), dq = scale·dS·k,
 /// dk = scale·dSᵀ·q.
 struct FusedAttentionBackward {
-    heads: usize,
-    causal: bool,
+    heads: Heads,
     grad: Tensor,
 }
 
@@ -291,14 +292,7 @@ impl CustomOp3 for FusedAttentionBackward {
         sv: &CpuStorage,
         lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (q, k, v, d) = qkv_operands(
-            self.name(),
-            self.heads,
-            self.causal,
-            (sq, lq),
-            (sk, lk),
-            (sv, lv),
-        )?;
+        let (q, k, v, d) = qkv_operands(self.name(), self.heads, (sq, lq), (sk, lk), (sv, lv))?;
         let (grad_storage, grad_layout) = self.grad.storage_and_layout();
         let g = match &*grad_storage {
             Storage::Cpu(s) => contiguous_f32(s, grad_layout, self.name())?,

@@ -137,17 +137,7 @@ impl LoadedModel {
             ));
         }
         let config = ModelConfig::load(&dir.join(CONFIG_FILE))?;
-        let tokenizer = WordTokenizer::from_file(&dir.join(TOKENIZER_FILE))?;
-        if tokenizer.vocab_size() != config.vocab_size {
-            return Err(Error::format(
-                dir.join(TOKENIZER_FILE),
-                format!(
-                    "vocabulary has {} words but config.json says vocab_size = {}",
-                    tokenizer.vocab_size(),
-                    config.vocab_size
-                ),
-            ));
-        }
+        let tokenizer = load_tokenizer(dir, config.vocab_size, CONFIG_FILE)?;
         let (_, varmap) = build(&config, device, 0)?;
         load_weights(&varmap, &dir.join(WEIGHTS_FILE))?;
         let model = inference_model(&config, &varmap, device)?;
@@ -180,6 +170,12 @@ pub fn inference_model(
     varmap: &VarMap,
     device: &Device,
 ) -> Result<DiffusionLm> {
+    Ok(DiffusionLm::new(config, plain_weights(varmap, device))?)
+}
+
+/// A builder over plain-tensor copies of `varmap`'s weights (sharing their storage): without
+/// variables candle records no graph, and the CPU takes its inference kernels.
+pub fn plain_weights(varmap: &VarMap, device: &Device) -> VarBuilder<'static> {
     let weights: HashMap<String, Tensor> = varmap
         .data()
         .lock()
@@ -187,10 +183,23 @@ pub fn inference_model(
         .iter()
         .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
         .collect();
-    Ok(DiffusionLm::new(
-        config,
-        VarBuilder::from_tensors(weights, DType::F32, device),
-    )?)
+    VarBuilder::from_tensors(weights, DType::F32, device)
+}
+
+/// The tokenizer of a model directory, checked against the vocabulary size its `config_file`
+/// says.
+pub fn load_tokenizer(dir: &Path, vocab_size: usize, config_file: &str) -> Result<WordTokenizer> {
+    let tokenizer = WordTokenizer::from_file(&dir.join(TOKENIZER_FILE))?;
+    if tokenizer.vocab_size() != vocab_size {
+        return Err(Error::format(
+            dir.join(TOKENIZER_FILE),
+            format!(
+                "vocabulary has {} words but {config_file} says vocab_size = {vocab_size}",
+                tokenizer.vocab_size()
+            ),
+        ));
+    }
+    Ok(tokenizer)
 }
 
 /// Overwrites every variable of `varmap` with the tensor of the same name in a safetensors file.

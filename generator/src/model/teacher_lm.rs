@@ -7,7 +7,6 @@
 //!
 //! A directory holds `teacher.json` (this config), `model.safetensors` and `tokenizer.json`.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor};
@@ -15,7 +14,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
-use super::diffusion_lm::{load_weights, TOKENIZER_FILE, WEIGHTS_FILE};
+use super::diffusion_lm::{load_tokenizer, load_weights, plain_weights, WEIGHTS_FILE};
 use super::init::SeededVarMap;
 use super::layers::LayerNorm;
 use super::ops::{bias_add, token_cross_entropy};
@@ -204,31 +203,10 @@ impl LoadedTeacher {
         let config: TeacherConfig =
             serde_json::from_str(&text).map_err(|e| Error::format(&path, e.to_string()))?;
         config.validate()?;
-        let tokenizer = WordTokenizer::from_file(&dir.join(TOKENIZER_FILE))?;
-        if tokenizer.vocab_size() != config.vocab_size {
-            return Err(Error::format(
-                dir.join(TOKENIZER_FILE),
-                format!(
-                    "{} words, but {TEACHER_CONFIG_FILE} says vocab_size = {}",
-                    tokenizer.vocab_size(),
-                    config.vocab_size
-                ),
-            ));
-        }
+        let tokenizer = load_tokenizer(dir, config.vocab_size, TEACHER_CONFIG_FILE)?;
         let (_, varmap) = build_teacher(&config, device, 0)?;
         load_weights(&varmap, &dir.join(WEIGHTS_FILE))?;
-        // Plain tensors: no graph is recorded and the CPU takes its inference kernels.
-        let weights: HashMap<String, Tensor> = varmap
-            .data()
-            .lock()
-            .expect("varmap lock")
-            .iter()
-            .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
-            .collect();
-        let model = TeacherLm::new(
-            &config,
-            VarBuilder::from_tensors(weights, DType::F32, device),
-        )?;
+        let model = TeacherLm::new(&config, plain_weights(&varmap, device))?;
         Ok(Self {
             model,
             tokenizer,

@@ -187,17 +187,7 @@ impl Trainer {
         }
 
         let schedule = NoiseSchedule::new(model_cfg.schedule, model_cfg.diffusion_steps)?;
-        let progress = if self.show_progress {
-            ProgressBar::new(cfg.steps as u64)
-        } else {
-            ProgressBar::hidden()
-        };
-        progress.set_style(
-            ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}<{eta_precise}] {wide_bar} {pos}/{len} {per_sec} {msg}",
-            )
-            .expect("static template"),
-        );
+        let progress = progress_bar(cfg.steps, self.show_progress);
         progress.set_position(step as u64);
 
         let started = Instant::now();
@@ -237,17 +227,7 @@ impl Trainer {
             };
             let out = step::step_gradients(&model, &schedule, &vars, batch, self.shards)?;
             let grads = out.grads;
-            let grad_norm = optim::global_grad_norm(&vars, &grads)?;
-            if !grad_norm.is_finite() {
-                return Err(Error::Checkpoint(format!(
-                    "gradient norm is {grad_norm} at step {step}: training diverged (lower --lr)"
-                )));
-            }
-            let scale = if cfg.grad_clip > 0.0 && grad_norm > cfg.grad_clip {
-                cfg.grad_clip / grad_norm
-            } else {
-                1.0
-            };
+            let (grad_norm, scale) = optim::clip_scale(&vars, &grads, cfg.grad_clip, step)?;
             let lr = learning_rate(step, cfg.steps, cfg.warmup, cfg.lr);
             opt.step(&grads, lr, scale)?;
             ema.update(&vars, step)?;
@@ -315,6 +295,22 @@ impl Trainer {
         tracing::info!(step, dir = %self.out.display(), "checkpoint saved");
         Ok(())
     }
+}
+
+/// The training progress bar (steps, rate, ETA, a message for the loss), or a hidden one.
+pub fn progress_bar(steps: usize, show: bool) -> ProgressBar {
+    let progress = if show {
+        ProgressBar::new(steps as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    progress.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}<{eta_precise}] {wide_bar} {pos}/{len} {per_sec} {msg}",
+        )
+        .expect("static template"),
+    );
+    progress
 }
 
 /// Running means of the loss terms between two log records.

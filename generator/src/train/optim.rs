@@ -35,6 +35,28 @@ pub fn global_grad_norm(vars: &[(String, Var)], grads: &GradStore) -> Result<f64
     Ok(total.sqrt())
 }
 
+/// The factor that clips the global gradient norm to `max_norm` (0 = no clipping), or an error
+/// if the gradients are not finite (training diverged at `step`).
+pub fn clip_scale(
+    vars: &[(String, Var)],
+    grads: &GradStore,
+    max_norm: f64,
+    step: usize,
+) -> Result<(f64, f64)> {
+    let norm = global_grad_norm(vars, grads)?;
+    if !norm.is_finite() {
+        return Err(crate::Error::Checkpoint(format!(
+            "gradient norm is {norm} at step {step}: training diverged (lower --lr)"
+        )));
+    }
+    let scale = if max_norm > 0.0 && norm > max_norm {
+        max_norm / norm
+    } else {
+        1.0
+    };
+    Ok((norm, scale))
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct AdamWParams {
     pub beta1: f64,

@@ -7,12 +7,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use super::optim::{global_grad_norm, learning_rate, named_vars, AdamW, AdamWParams};
+use super::optim::{clip_scale, learning_rate, named_vars, AdamW, AdamWParams};
+use super::progress_bar;
 use super::step::weighted_sum;
 use crate::model::diffusion_lm::{save_tensors, TOKENIZER_FILE, WEIGHTS_FILE};
 use crate::model::teacher_lm::{build_teacher, LoadedTeacher, TeacherConfig, TEACHER_CONFIG_FILE};
@@ -94,17 +94,7 @@ impl TeacherTrainer {
         )?;
         let log_path = self.out.join(TEACHER_LOG_FILE);
         let _ = std::fs::remove_file(&log_path);
-        let progress = if self.show_progress {
-            ProgressBar::new(cfg.steps as u64)
-        } else {
-            ProgressBar::hidden()
-        };
-        progress.set_style(
-            ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}<{eta_precise}] {wide_bar} {pos}/{len} {per_sec} {msg}",
-            )
-            .expect("static template"),
-        );
+        let progress = progress_bar(cfg.steps, self.show_progress);
         let pad = tokenizer.pad_id();
         let started = Instant::now();
         let (mut window_loss, mut window_n, mut window_start) = (0f64, 0usize, Instant::now());
@@ -134,17 +124,7 @@ impl TeacherTrainer {
             })?;
             let loss: f64 = results.iter().map(|r| r.0).sum();
             let grads = weighted_sum(&vars, results.into_iter().map(|r| (1.0, r.1)).collect())?;
-            let norm = global_grad_norm(&vars, &grads)?;
-            if !norm.is_finite() {
-                return Err(Error::Checkpoint(format!(
-                    "gradient norm is {norm} at step {step}: training diverged (lower --lr)"
-                )));
-            }
-            let scale = if cfg.grad_clip > 0.0 && norm > cfg.grad_clip {
-                cfg.grad_clip / norm
-            } else {
-                1.0
-            };
+            let (_, scale) = clip_scale(&vars, &grads, cfg.grad_clip, step)?;
             let lr = learning_rate(step, cfg.steps, cfg.warmup, cfg.lr);
             opt.step(&grads, lr, scale)?;
             window_loss += loss;
