@@ -9,7 +9,7 @@ use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
 use dlm_generator::device::DeviceChoice;
 use dlm_generator::diffusion::{Sampler, SamplerKind, ScheduleKind};
-use dlm_generator::eval::report::FluencyReport;
+use dlm_generator::eval::report::FluencyJudge;
 use dlm_generator::model::{LoadedModel, ModelConfig};
 use dlm_generator::train::{data, TrainConfig, Trainer};
 
@@ -109,7 +109,8 @@ struct GuidanceArgs {
     /// Guide down to this sampling step (default: none in the last 10).
     #[arg(long, env = "DLM_GUIDE_UNTIL")]
     guide_until: Option<u32>,
-    /// A guide stops pulling a text while its p(c | x) is at least this (default 1 = always pull).
+    /// A guide stops pulling a text while it reads its targets in the current x0 estimate with
+    /// p(c | x0) at least this (default 1 = always pull).
     #[arg(long, env = "DLM_SATISFIED_PROB")]
     satisfied_prob: Option<f32>,
 }
@@ -790,7 +791,7 @@ fn score(args: ScoreArgs, device: &Device) -> anyhow::Result<()> {
 fn eval_fluency(args: EvalArgs) -> anyhow::Result<()> {
     let sentences = read_lines(&args.input)?;
     let teacher = load_teacher(&args.teacher)?;
-    let report = FluencyReport::compute(&args.data_dir, &sentences, args.order, &teacher)?;
+    let report = FluencyJudge::new(&args.data_dir, args.order, &teacher)?.report(&sentences)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -1104,8 +1105,8 @@ fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
     let guided: Vec<String> = results.iter().flat_map(|r| r.2.clone()).collect();
     let unguided: Vec<String> = results.iter().flat_map(|r| r.3.clone()).collect();
     let teacher = load_teacher(&args.teacher)?;
-    let fg = FluencyReport::compute(&args.data_dir, &guided, 4, &teacher)?;
-    let fu = FluencyReport::compute(&args.data_dir, &unguided, 4, &teacher)?;
+    let judge = FluencyJudge::new(&args.data_dir, 4, &teacher)?;
+    let (fg, fu) = (judge.report(&guided)?, judge.report(&unguided)?);
     table.push_str(&format!(
         "| **mean of {fields} fields** | {} | **{:.1}%** | {:.1}% |\n\
          | teacher perplexity ratio (texts ÷ E2E dev references) | | {:.3} | {:.3} |\n\

@@ -355,8 +355,7 @@ impl Engine {
         let per = l * d;
 
         // Guidance: for each guide, one batched call per gradient step for all sequences it steers.
-        let x0_flat = proposal.x0.flatten_all()?.to_vec1::<f32>()?;
-        let failed = self.guide(&mut mean, &x0_flat, &proposal.sigma, per)?;
+        let failed = self.guide(&mut mean, &proposal.x0, &proposal.sigma, per)?;
 
         let mean = Tensor::from_vec(mean, (self.seqs.len(), l, d), &device)?;
         let mut noise_rows = Vec::with_capacity(self.seqs.len());
@@ -422,14 +421,22 @@ impl Engine {
     fn drop_satisfied(
         &self,
         by_guide: &mut Vec<(Arc<RegisteredGuide>, Vec<GuidedRow>)>,
-        x0: &[f32],
+        x0: &Tensor,
         per: usize,
-    ) {
+    ) -> Result<()> {
         let gated = |b: usize| {
             self.running[self.seqs[b].run]
                 .as_ref()
                 .is_some_and(|r| r.job.guidance.satisfied_prob < 1.0)
         };
+        if !by_guide
+            .iter()
+            .any(|(_, rows)| rows.iter().any(|r| gated(r.0)))
+        {
+            return Ok(());
+        }
+        // Read out of the tensor only when some request gates (not on every guided step).
+        let x0 = x0.flatten_all()?.to_vec1::<f32>()?;
         let calls: Vec<_> = by_guide
             .iter()
             .map(|(g, rows)| {
@@ -465,15 +472,16 @@ impl Engine {
             rows.retain(|r| !satisfied.contains(&r.0));
         }
         by_guide.retain(|(_, rows)| !rows.is_empty());
+        Ok(())
     }
 
-    /// Runs the guidance loop on the flat proposal means of guided sequences (`x0`: the flat x0
-    /// estimates, read by the satisfaction gate). Returns the requests to fail because a guide
-    /// they need failed (the others go on).
+    /// Runs the guidance loop on the flat proposal means of guided sequences (`x0`: the x0
+    /// estimates [B, L, D], read by the satisfaction gate). Returns the requests to fail because a
+    /// guide they need failed (the others go on).
     fn guide(
         &mut self,
         mean: &mut [f32],
-        x0: &[f32],
+        x0: &Tensor,
         sigma: &[f32],
         per: usize,
     ) -> Result<Vec<(usize, Error)>> {
@@ -492,7 +500,7 @@ impl Engine {
             }
         }
         let started = Instant::now();
-        self.drop_satisfied(&mut by_guide, x0, per);
+        self.drop_satisfied(&mut by_guide, x0, per)?;
         if by_guide.is_empty() {
             return Ok(Vec::new());
         }

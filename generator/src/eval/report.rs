@@ -52,46 +52,68 @@ fn final_punctuation_share(texts: &[String]) -> f64 {
     texts.iter().filter(|t| ends(t)).count() as f64 / texts.len().max(1) as f64
 }
 
-impl FluencyReport {
-    pub fn compute(
-        data_dir: &Path,
-        samples: &[String],
-        order: usize,
-        teacher: &LoadedTeacher,
-    ) -> Result<Self> {
+/// Everything a report compares samples with, computed once: the 4-gram model of the train
+/// references and what it and the teacher give the human references. `eval-control` judges its
+/// guided and unguided texts with one of these.
+pub struct FluencyJudge<'a> {
+    order: usize,
+    lm: KneserNey,
+    teacher: &'a LoadedTeacher,
+    train_set: HashSet<String>,
+    test_perplexity: Perplexity,
+    test_final_punctuation: f64,
+    dev_teacher: TeacherPerplexity,
+    dev_repetition: f64,
+}
+
+impl<'a> FluencyJudge<'a> {
+    pub fn new(data_dir: &Path, order: usize, teacher: &'a LoadedTeacher) -> Result<Self> {
         let train = references(data_dir, TRAIN_FILE)?;
         let test = references(data_dir, TEST_FILE)?;
         let dev = references(data_dir, DEV_FILE)?;
-        let (teacher_samples, teacher_dev) =
-            (teacher.perplexity(samples)?, teacher.perplexity(&dev)?);
         let lm = KneserNey::fit(train.iter().map(String::as_str), order);
-        let sample_ppl = lm.perplexity(samples.iter().map(String::as_str));
-        let test_ppl = lm.perplexity(test.iter().map(String::as_str));
-        let train_set: HashSet<String> = train.iter().map(|t| normalized(t)).collect();
-        let n = samples.len().max(1) as f64;
         Ok(Self {
+            order,
+            test_perplexity: lm.perplexity(test.iter().map(String::as_str)),
+            lm,
+            teacher,
+            train_set: train.iter().map(|t| normalized(t)).collect(),
+            test_final_punctuation: final_punctuation_share(&test),
+            dev_teacher: teacher.perplexity(&dev)?,
+            dev_repetition: repetition_rate(&dev),
+        })
+    }
+
+    /// The report of `samples`, each scored exactly as given.
+    pub fn report(&self, samples: &[String]) -> Result<FluencyReport> {
+        let teacher_samples = self.teacher.perplexity(samples)?;
+        let sample_ppl = self.lm.perplexity(samples.iter().map(String::as_str));
+        let n = samples.len().max(1) as f64;
+        Ok(FluencyReport {
             teacher: TeacherScores {
-                ratio: teacher_samples.perplexity / teacher_dev.perplexity,
+                ratio: teacher_samples.perplexity / self.dev_teacher.perplexity,
                 samples: teacher_samples,
-                dev_references: teacher_dev,
+                dev_references: self.dev_teacher,
             },
             samples_repetition: repetition_rate(samples),
-            dev_references_repetition: repetition_rate(&dev),
-            order,
-            ratio: sample_ppl.perplexity / test_ppl.perplexity,
+            dev_references_repetition: self.dev_repetition,
+            order: self.order,
+            ratio: sample_ppl.perplexity / self.test_perplexity.perplexity,
             samples: sample_ppl,
-            test_references: test_ppl,
+            test_references: self.test_perplexity,
             samples_final_punctuation: final_punctuation_share(samples),
-            references_final_punctuation: final_punctuation_share(&test),
+            references_final_punctuation: self.test_final_punctuation,
             samples_with_unk: samples.iter().filter(|s| s.contains(UNK)).count() as f64 / n,
             samples_copied_from_train: samples
                 .iter()
-                .filter(|s| train_set.contains(&normalized(s)))
+                .filter(|s| self.train_set.contains(&normalized(s)))
                 .count() as f64
                 / n,
         })
     }
+}
 
+impl FluencyReport {
     /// A plain-text table for terminals and READMEs.
     pub fn table(&self) -> String {
         format!(

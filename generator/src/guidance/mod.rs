@@ -19,7 +19,8 @@ pub enum GuidanceUpdate {
 }
 
 /// Guidance settings: the paper's, but for the update (normalized at step 0.2, not per-coordinate
-/// Adagrad at 0.1: a quarter fewer stuttering texts for the same control; README, Control).
+/// Adagrad at 0.1: stutter 27.2 → 23.5% of guided texts for control 82.4 → 80.1% over three
+/// draws; README, Text quality).
 #[derive(Debug, Clone, Copy)]
 pub struct GuidanceConfig {
     pub steps_per_diffusion_step: usize,
@@ -31,9 +32,10 @@ pub struct GuidanceConfig {
     pub start_step: Option<usize>,
     /// ...and above this: no guidance in the last `stop_step` steps.
     pub stop_step: usize,
-    /// A guide leaves a text alone while its p(c | x) is at least this (≥ 1: never). Without it,
-    /// a satisfied classifier still gets a full step — Adagrad normalises the gradient's size away —
-    /// and the easiest way to raise p further is to say the value again: "italian italian".
+    /// A guide leaves a text alone while it reads its targets in the current x0 estimate with
+    /// p(c | x̂0) at least this (≥ 1: never; the engine asks at t = 0). Without it, a satisfied
+    /// classifier still gets a full step — the update normalises the gradient's size away — and
+    /// the easiest way to raise p further is to say the value again: "italian italian".
     pub satisfied_prob: f32,
 }
 
@@ -57,7 +59,7 @@ impl GuidanceConfig {
         index > self.stop_step && self.start_step.is_none_or(|s| index <= s)
     }
 
-    /// Whether a guide that gives a text `log_p` = log p(c | x) leaves it alone this step.
+    /// Whether a guide that gives a text's x0 estimate `log_p` = log p(c | x̂0) leaves it alone.
     pub fn satisfied(&self, log_p: f32) -> bool {
         self.satisfied_prob < 1.0 && log_p >= self.satisfied_prob.ln()
     }

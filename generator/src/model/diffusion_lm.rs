@@ -231,7 +231,12 @@ pub fn save_model_dir(
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     config.save(&dir.join(CONFIG_FILE))?;
     tokenizer.save(&dir.join(TOKENIZER_FILE))?;
-    // Write then rename, so a reader never sees half a file.
+    save_weights(dir, weights)
+}
+
+/// Writes `model.safetensors` in `dir`: written beside it, then renamed, so that a reader never
+/// sees half a file.
+pub fn save_weights(dir: &Path, weights: &HashMap<String, Tensor>) -> Result<()> {
     let tmp = dir.join(format!("{WEIGHTS_FILE}.tmp"));
     save_tensors(weights, &tmp)?;
     let target = dir.join(WEIGHTS_FILE);

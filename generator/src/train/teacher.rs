@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::optim::{clip_scale, learning_rate, named_vars, AdamW, AdamWParams};
 use super::progress_bar;
 use super::step::weighted_sum;
-use crate::model::diffusion_lm::{save_tensors, TOKENIZER_FILE, WEIGHTS_FILE};
+use crate::model::diffusion_lm::{save_weights, TOKENIZER_FILE};
 use crate::model::teacher_lm::{build_teacher, LoadedTeacher, TeacherConfig, TEACHER_CONFIG_FILE};
 use crate::parallel::{run_sharded, split};
 use crate::text::WordTokenizer;
@@ -175,10 +175,7 @@ impl TeacherTrainer {
             .iter()
             .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
             .collect();
-        let tmp = self.out.join(format!("{WEIGHTS_FILE}.tmp"));
-        save_tensors(&weights, &tmp)?;
-        let target = self.out.join(WEIGHTS_FILE);
-        std::fs::rename(&tmp, &target).map_err(|e| Error::io(&target, e))
+        save_weights(&self.out, &weights)
     }
 }
 
