@@ -63,19 +63,39 @@ impl Error {
     }
 }
 
-/// Errors as gRPC statuses: the one place where that mapping lives.
+/// Longest message a client gets (some echo user input).
+pub const MAX_MESSAGE_CHARS: usize = 1024;
+
+impl Error {
+    /// The one table: each cause's gRPC code and its `status` label in
+    /// `dlm_generator_requests_total`.
+    pub fn code_and_label(&self) -> (tonic::Code, &'static str) {
+        use tonic::Code;
+        match self {
+            Error::InvalidArgument { .. } => (Code::InvalidArgument, "invalid_argument"),
+            Error::Unavailable(_) => (Code::Unavailable, "unavailable"),
+            Error::ResourceExhausted(_) => (Code::ResourceExhausted, "resource_exhausted"),
+            Error::DeadlineExceeded(_) => (Code::DeadlineExceeded, "deadline_exceeded"),
+            Error::NotFound(_) => (Code::NotFound, "not_found"),
+            Error::FailedPrecondition(_) => (Code::FailedPrecondition, "failed_precondition"),
+            Error::Io { .. }
+            | Error::Csv { .. }
+            | Error::Format { .. }
+            | Error::Internal(_)
+            | Error::Checkpoint(_)
+            | Error::Tokenizer(_)
+            | Error::Candle(_) => (Code::Internal, "internal"),
+        }
+    }
+}
+
+/// Errors as gRPC statuses, messages capped in length.
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        use tonic::Status;
-        let m = e.to_string();
-        match e {
-            Error::InvalidArgument { .. } => Status::invalid_argument(m),
-            Error::Unavailable(_) => Status::unavailable(m),
-            Error::ResourceExhausted(_) => Status::resource_exhausted(m),
-            Error::DeadlineExceeded(_) => Status::deadline_exceeded(m),
-            Error::NotFound(_) => Status::not_found(m),
-            Error::FailedPrecondition(_) => Status::failed_precondition(m),
-            _ => Status::internal(m),
-        }
+        let (code, _) = e.code_and_label();
+        tonic::Status::new(
+            code,
+            dlm_proto::guide_contract::clip(&e.to_string(), MAX_MESSAGE_CHARS),
+        )
     }
 }

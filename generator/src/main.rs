@@ -179,8 +179,8 @@ struct ServeArgs {
     /// Model directory.
     #[arg(long, env = "DLM_MODEL", default_value = "models/e2e-small")]
     model: PathBuf,
-    /// A guide as NAME=URL (http://host:port[/model]), or NAME=URL#CARD.json for a model on another
-    /// OIP server; repeat for more.
+    /// A guide as NAME=URL (http://host:port[/model]), NAME=URL#CARD.json for a model on another
+    /// OIP server, or NAME=onnx:PATH/model.onnx to run it in this process; repeat for more.
     #[arg(long = "guide", env = "DLM_GUIDES", value_delimiter = ',')]
     guides: Vec<String>,
     #[arg(long, env = "DLM_HOST", default_value = "127.0.0.1")]
@@ -193,9 +193,23 @@ struct ServeArgs {
     /// Sequences in one denoiser batch.
     #[arg(long, env = "DLM_MAX_BATCH", default_value_t = 64)]
     max_batch: usize,
-    /// Requests that may wait; past that, RESOURCE_EXHAUSTED.
+    /// Requests the generator holds at once, waiting or running (each holds a permit until it is
+    /// answered); past that, RESOURCE_EXHAUSTED.
     #[arg(long, env = "DLM_MAX_QUEUE", default_value_t = 256)]
     max_queue: usize,
+    /// Controls in one request (after routing targets to guides).
+    #[arg(long, env = "DLM_MAX_CONTROLS", default_value_t = 8)]
+    max_controls: usize,
+    /// Targets in one control.
+    #[arg(long, env = "DLM_MAX_TARGETS", default_value_t = 16)]
+    max_targets: usize,
+    /// Rows (latent sequences) in one guide call; guidance work beyond it is split into calls of
+    /// this size (dlm-guide's own --max-rows defaults to the same 64).
+    #[arg(long, env = "DLM_GUIDE_MAX_ROWS", default_value_t = 64)]
+    guide_max_rows: usize,
+    /// How often each registered guide is probed (OIP ModelReady) for Describe and health, in ms.
+    #[arg(long, env = "DLM_GUIDE_PROBE_MS", default_value_t = 2000)]
+    guide_probe_ms: u64,
     /// Largest `n` of one request.
     #[arg(long, env = "DLM_MAX_N", default_value_t = 64)]
     max_n: usize,
@@ -801,7 +815,7 @@ fn eval_fluency(args: EvalArgs) -> anyhow::Result<()> {
 }
 
 fn serve(args: ServeArgs, device: &Device) -> anyhow::Result<()> {
-    use dlm_generator::guidance::{client::ModelSignature, GuideRegistry};
+    use dlm_generator::guidance::{GuideRegistry, ModelSignature};
     use std::sync::Arc;
     let loaded = Arc::new(
         LoadedModel::load(&args.model, device)
@@ -825,34 +839,26 @@ fn serve(args: ServeArgs, device: &Device) -> anyhow::Result<()> {
         // already open but NOT_SERVING: in a cluster a guide may start after the generator.
         let mut specs = Vec::new();
         for spec in &args.guides {
-            let (name, url) = spec.split_once('=').ok_or_else(|| {
+            let (name, value) = spec.split_once('=').ok_or_else(|| {
                 anyhow::anyhow!("invalid argument `guide`: `{spec}` is not NAME=URL")
             })?;
-            let (url, card) = match url.split_once('#') {
-                Some((url, path)) => (
-                    url,
-                    Some(
-                        std::fs::read_to_string(path)
-                            .with_context(|| format!("reading guide card {path}"))?,
-                    ),
-                ),
-                None => (url, None),
-            };
+            let parsed = dlm_generator::guidance::GuideSpec::parse_flag(value)
+                .with_context(|| format!("invalid argument `guide`: `{spec}`"))?;
             registry.expect(name);
-            specs.push((name.to_string(), url.to_string(), card));
+            specs.push((name.to_string(), parsed));
         }
+        registry.spawn_probes(std::time::Duration::from_millis(
+            args.guide_probe_ms.max(100),
+        ));
         let wait = std::time::Duration::from_secs(args.guide_wait_s);
         let startup = {
             let registry = Arc::clone(&registry);
             async move {
                 let mut pending = tokio::task::JoinSet::new();
-                for (name, url, card) in specs {
+                for (name, spec) in specs {
                     let registry = Arc::clone(&registry);
-                    pending.spawn(async move {
-                        registry
-                            .register_waiting(&name, &url, card.as_deref(), wait)
-                            .await
-                    });
+                    pending
+                        .spawn(async move { registry.register_waiting(&name, &spec, wait).await });
                 }
                 while let Some(done) = pending.join_next().await {
                     done??;
@@ -871,8 +877,9 @@ fn serve(args: ServeArgs, device: &Device) -> anyhow::Result<()> {
             dlm_generator::engine::EngineOptions {
                 max_batch: args.max_batch,
                 max_queue: args.max_queue,
+                guide_max_rows: args.guide_max_rows,
             },
-        );
+        )?;
         let service = dlm_generator::server::GeneratorService::new(
             loaded,
             engine,
@@ -880,6 +887,8 @@ fn serve(args: ServeArgs, device: &Device) -> anyhow::Result<()> {
             dlm_generator::server::Limits {
                 max_n: args.max_n,
                 default_steps: args.default_steps,
+                max_controls: args.max_controls,
+                max_targets: args.max_targets,
             },
         );
         dlm_generator::server::serve(

@@ -83,13 +83,13 @@ fn worker(mut session: GuideSession, rx: Receiver<Job>, options: BatchOptions, l
             },
         };
         let deadline = Instant::now() + options.window;
-        let mut total = first.batch.batch;
+        let mut total = first.batch.rows;
         let mut jobs = vec![first];
         while total < options.max_batch {
             let wait = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(wait) {
-                Ok(job) if total + job.batch.batch <= options.max_batch => {
-                    total += job.batch.batch;
+                Ok(job) if total + job.batch.rows <= options.max_batch => {
+                    total += job.batch.rows;
                     jobs.push(job);
                 }
                 Ok(job) => {
@@ -115,7 +115,7 @@ fn run_batch(session: &mut GuideSession, jobs: Vec<Job>, total: usize, label: &s
         session.run(&jobs[0].batch)
     } else {
         let mut merged = GuideBatch {
-            batch: total,
+            rows: total,
             ..Default::default()
         };
         for job in &jobs {
@@ -132,7 +132,7 @@ fn run_batch(session: &mut GuideSession, jobs: Vec<Job>, total: usize, label: &s
             let per_row = out.grad.len() / total.max(1);
             let mut row = 0;
             for job in jobs {
-                let n = job.batch.batch;
+                let n = job.batch.rows;
                 let part = GuideOutputs {
                     log_prob: out.log_prob[row..row + n].to_vec(),
                     grad: out.grad[row * per_row..(row + n) * per_row].to_vec(),

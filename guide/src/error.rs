@@ -22,6 +22,22 @@ impl GuideError {
     }
 }
 
+impl GuideError {
+    /// The metric label of this error (the `outcome` of dlm_guide_requests_total).
+    pub fn label(&self) -> &'static str {
+        match self {
+            GuideError::InvalidArgument(_) => "invalid_argument",
+            GuideError::NotFound(_) => "not_found",
+            GuideError::Unavailable(_) => "unavailable",
+            GuideError::FailedPrecondition(_) => "failed_precondition",
+            GuideError::Internal(_) => "internal",
+        }
+    }
+}
+
+/// Longest message a client gets (some echo user input).
+const MAX_MESSAGE_CHARS: usize = 1024;
+
 impl From<ort::Error> for GuideError {
     fn from(e: ort::Error) -> Self {
         GuideError::Internal(format!("ONNX Runtime: {e}"))
@@ -30,12 +46,14 @@ impl From<ort::Error> for GuideError {
 
 impl From<GuideError> for tonic::Status {
     fn from(e: GuideError) -> Self {
-        match e {
-            GuideError::InvalidArgument(m) => tonic::Status::invalid_argument(m),
-            GuideError::NotFound(m) => tonic::Status::not_found(m),
-            GuideError::Unavailable(m) => tonic::Status::unavailable(m),
-            GuideError::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
-            GuideError::Internal(m) => tonic::Status::internal(m),
-        }
+        use tonic::Code;
+        let (code, m) = match e {
+            GuideError::InvalidArgument(m) => (Code::InvalidArgument, m),
+            GuideError::NotFound(m) => (Code::NotFound, m),
+            GuideError::Unavailable(m) => (Code::Unavailable, m),
+            GuideError::FailedPrecondition(m) => (Code::FailedPrecondition, m),
+            GuideError::Internal(m) => (Code::Internal, m),
+        };
+        tonic::Status::new(code, dlm_proto::guide_contract::clip(&m, MAX_MESSAGE_CHARS))
     }
 }

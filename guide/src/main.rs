@@ -59,6 +59,10 @@ struct ServeArgs {
     /// Largest batch one ONNX Runtime run takes.
     #[arg(long, env = "DLM_MAX_BATCH", default_value_t = 64)]
     max_batch: usize,
+    /// Most rows (latent sequences) one ModelInfer may carry; larger calls are INVALID_ARGUMENT.
+    /// Bounds the memory one call takes (about 1 MB per row in ONNX Runtime's arena).
+    #[arg(long, env = "DLM_MAX_ROWS", default_value_t = 64)]
+    max_rows: usize,
     /// Requests that may wait per model version before UNAVAILABLE.
     #[arg(long, env = "DLM_QUEUE", default_value_t = 1024)]
     queue: usize,
@@ -119,6 +123,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             repo,
             SocketAddr::new(args.host, args.port),
             poll,
+            args.max_rows,
             shutdown_signal(),
         )
         .await

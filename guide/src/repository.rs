@@ -71,6 +71,20 @@ fn versions_on_disk(model_dir: &Path) -> BTreeMap<u64, PathBuf> {
         .collect()
 }
 
+/// A loaded version's card: (version, card).
+type CardOf = (u64, GuideCard);
+
+/// What differs between two cards, in a few words.
+fn card_difference(old: &GuideCard, new: &GuideCard) -> String {
+    if old.embedding_sha256 != new.embedding_sha256 {
+        "another generator embedding".into()
+    } else if old.fields != new.fields {
+        "other fields or values".into()
+    } else {
+        "another schedule or canvas".into()
+    }
+}
+
 fn modified(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
@@ -122,7 +136,7 @@ impl Repository {
             .rev()
             .take(self.options.keep_versions.max(1))
             .collect();
-        let to_load: Vec<(u64, PathBuf)> = {
+        let (to_load, mut reference): (Vec<(u64, PathBuf)>, Option<CardOf>) = {
             let mut models = self.models.write().unwrap();
             let state = models.entry(name.to_string()).or_default();
             if explicit {
@@ -131,7 +145,7 @@ impl Repository {
             if state.unloaded {
                 return Ok(());
             }
-            wanted
+            let to_load = wanted
                 .iter()
                 .filter(|(v, path)| {
                     !state.loaded.contains_key(v)
@@ -143,14 +157,34 @@ impl Repository {
                                 .unwrap_or(true))
                 })
                 .cloned()
-                .collect()
+                .collect();
+            // A new version must keep the card of the one it replaces.
+            let reference = state
+                .loaded
+                .values()
+                .next_back()
+                .map(|v| (v.version, v.card.clone()));
+            (to_load, reference)
         };
         let mut newest_error = None;
         let mut fresh = Vec::new();
         for (version, path) in to_load {
             let label = format!("{name}/{version}");
-            match GuideSession::load(&path, self.options.session) {
+            let checked = GuideSession::load(&path, self.options.session).and_then(|mut session| {
+                session.canary()?;
+                match &reference {
+                    Some((v, card)) if *card != session.card => {
+                        Err(GuideError::FailedPrecondition(format!(
+                            "its card differs from version {v}'s ({}): serve it under a new model name",
+                            card_difference(card, &session.card)
+                        )))
+                    }
+                    _ => Ok(session),
+                }
+            });
+            match checked {
                 Ok(session) => {
+                    reference.get_or_insert((version, session.card.clone()));
                     let card = session.card.clone();
                     let batcher = Batcher::start(session, self.options.batch, label.clone());
                     tracing::info!(model = %label, "loaded");

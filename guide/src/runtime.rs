@@ -1,8 +1,5 @@
-//! ONNX Runtime: finding the shared library, sessions, and the tensor contract of a guide model.
-//!
-//! Contract. Inputs: `latents` FP32 [B, L, D], `timesteps` INT64 [B] (training-schedule units),
-//! `targets` INT64 [B, F] (a value id per field, −1 = unconstrained). Outputs: `log_prob` FP32 [B]
-//! (summed over constrained fields) and `grad` FP32 [B, L, D] = ∂ log_prob / ∂ latents.
+//! ONNX Runtime: finding the shared library, sessions, and a guide model's graph checked against
+//! the tensor contract (`dlm_proto::guide_contract`).
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -13,11 +10,9 @@ use ort::value::{Tensor, TensorElementType};
 use crate::card::{GuideCard, CARD_KEY};
 use crate::{GuideError, Result};
 
-pub const LATENTS: &str = "latents";
-pub const TIMESTEPS: &str = "timesteps";
-pub const TARGETS: &str = "targets";
-pub const LOG_PROB: &str = "log_prob";
-pub const GRAD: &str = "grad";
+pub use dlm_proto::guide_contract::{
+    GuideBatch, GuideOutputs, GRAD, LATENTS, LOG_PROB, TARGETS, TIMESTEPS,
+};
 
 /// Where `deploy/setup.sh` installs ONNX Runtime (the PyPI wheel's library), relative to the repository.
 const SETUP_GLOB_DIR: &str = ".venv/lib/python3.11/site-packages/onnxruntime/capi";
@@ -107,21 +102,6 @@ impl Default for SessionOptions {
     }
 }
 
-/// A batch in the contract's layout, row-major.
-#[derive(Debug, Clone, Default)]
-pub struct GuideBatch {
-    pub batch: usize,
-    pub latents: Vec<f32>,
-    pub timesteps: Vec<i64>,
-    pub targets: Vec<i64>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct GuideOutputs {
-    pub log_prob: Vec<f32>,
-    pub grad: Vec<f32>,
-}
-
 /// A loaded guide model: its ONNX Runtime session and its card.
 pub struct GuideSession {
     session: Session,
@@ -200,16 +180,23 @@ impl GuideSession {
         Ok(Self { session, card })
     }
 
-    /// Runs one batch.
+    /// Runs one batch. Rows with non-finite latents run as zeros and are answered with log_prob
+    /// NaN and a zero gradient: one bad row never fails its batch-mates.
     pub fn run(&mut self, b: &GuideBatch) -> Result<GuideOutputs> {
         let (l, d, f) = (
             self.card.seq_len,
             self.card.embed_dim,
             self.card.fields.len(),
         );
-        let latents = Tensor::from_array(([b.batch, l, d], b.latents.clone()))?;
-        let timesteps = Tensor::from_array(([b.batch], b.timesteps.clone()))?;
-        let targets = Tensor::from_array(([b.batch, f], b.targets.clone()))?;
+        let per = l * d;
+        let bad = b.non_finite_rows();
+        let mut latents = b.latents.clone();
+        for &r in &bad {
+            latents[r * per..(r + 1) * per].fill(0.0);
+        }
+        let latents = Tensor::from_array(([b.rows, l, d], latents))?;
+        let timesteps = Tensor::from_array(([b.rows], b.timesteps.clone()))?;
+        let targets = Tensor::from_array(([b.rows, f], b.targets.clone()))?;
         let outputs = self.session.run(ort::inputs![
             LATENTS => latents,
             TIMESTEPS => timesteps,
@@ -217,9 +204,53 @@ impl GuideSession {
         ])?;
         let (_, log_prob) = outputs[LOG_PROB].try_extract_tensor::<f32>()?;
         let (_, grad) = outputs[GRAD].try_extract_tensor::<f32>()?;
-        Ok(GuideOutputs {
+        let mut out = GuideOutputs {
             log_prob: log_prob.to_vec(),
             grad: grad.to_vec(),
-        })
+        };
+        if out.log_prob.len() != b.rows || out.grad.len() != b.rows * per {
+            return Err(GuideError::Internal(format!(
+                "the model returned {} log_prob and {} grad values for {} rows",
+                out.log_prob.len(),
+                out.grad.len(),
+                b.rows
+            )));
+        }
+        for &r in &bad {
+            out.log_prob[r] = f32::NAN;
+            out.grad[r * per..(r + 1) * per].fill(0.0);
+        }
+        if !bad.is_empty() {
+            metrics::counter!("dlm_guide_non_finite_rows_total").increment(bad.len() as u64);
+        }
+        Ok(out)
+    }
+
+    /// A smoke test before a version serves: two rows (noise at t = 0 and at t = T − 1, one with
+    /// every field free, one with the first value of each) must give finite outputs of the
+    /// contract's shapes. Catches a graph that loads but computes garbage (corrupted weights).
+    pub fn canary(&mut self) -> Result<()> {
+        let (l, d, f) = (
+            self.card.seq_len,
+            self.card.embed_dim,
+            self.card.fields.len(),
+        );
+        // A fixed, spread-out pattern in [-1, 1) (no random source needed).
+        let latents: Vec<f32> = (0..2 * l * d)
+            .map(|i| ((i * 7919) % 2000) as f32 / 1000.0 - 1.0)
+            .collect();
+        let batch = GuideBatch {
+            rows: 2,
+            latents,
+            timesteps: vec![0, self.card.diffusion_steps as i64 - 1],
+            targets: [vec![-1; f], vec![0; f]].concat(),
+        };
+        let out = self.run(&batch)?;
+        if out.log_prob.iter().chain(&out.grad).any(|v| !v.is_finite()) {
+            return Err(GuideError::FailedPrecondition(
+                "canary inference gave non-finite outputs (corrupted weights?)".into(),
+            ));
+        }
+        Ok(())
     }
 }

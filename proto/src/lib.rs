@@ -4,10 +4,12 @@
 //!   (`dlm/v1/guide.proto`).
 //! - [`inference`]: the Open Inference Protocol (KServe v2) that guides speak.
 //! - [`card`]: the guide card as JSON (`card.json`, ONNX metadata), read by guides and generator.
+//! - [`guide_contract`]: the guide tensor contract over OIP — the one encoder and decoder of it.
 //!
 //! The encoded file descriptor set is exported for gRPC reflection.
 
 pub mod card;
+pub mod guide_contract;
 
 pub mod dlm {
     pub mod v1 {

@@ -167,12 +167,7 @@ impl GuideServer {
     }
 
     pub fn metrics(&self) -> String {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).unwrap();
-        write!(s, "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
-        let mut body = String::new();
-        s.read_to_string(&mut body).unwrap();
-        body
+        scrape(self.metrics_port)
     }
 }
 
@@ -280,10 +275,44 @@ impl Drop for GeneratorServer {
     }
 }
 
+/// GET /metrics from a Prometheus listener on loopback.
+pub fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}
+
+impl GeneratorServer {
+    pub fn metrics(&self) -> String {
+        scrape(self.metrics_port)
+    }
+}
+
 impl GuideServer {
+    /// Freezes the process (SIGSTOP): it holds its port and answers nothing, as a hung guide does.
+    pub fn pause(&self) {
+        signal(self.child.id(), "-STOP");
+    }
+
+    /// Resumes a paused guide (SIGCONT).
+    pub fn resume(&self) {
+        signal(self.child.id(), "-CONT");
+    }
+
     /// Stops the guide now (as a crash would).
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn signal(pid: u32, which: &str) {
+    let ok = Command::new("kill")
+        .args([which, &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill {which} {pid} failed");
 }

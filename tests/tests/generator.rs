@@ -674,7 +674,8 @@ fn answered(guide: &GuideServer) -> f64 {
 /// resolver is the one stand-in (loopback has one address per name); the guides are real.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guide_calls_follow_the_replicas_a_name_resolves_to() {
-    use dlm_generator::guidance::client::{balanced_channel, GuideClient};
+    use dlm_generator::guidance::oip::{balanced_channel, OipGuide};
+    use dlm_generator::guidance::{guide::Dims, guide::GuideBatch, Guide};
     use std::collections::BTreeSet;
     use std::net::SocketAddr;
     use std::sync::{Arc, Mutex};
@@ -692,7 +693,7 @@ async fn guide_calls_follow_the_replicas_a_name_resolves_to() {
     let channel = balanced_channel(GUIDE, "http://guides.example:8001", every, resolve)
         .await
         .unwrap();
-    let client = GuideClient::new(
+    let client = OipGuide::new(
         "http://guides.example:8001",
         GUIDE,
         channel,
@@ -711,16 +712,18 @@ async fn guide_calls_follow_the_replicas_a_name_resolves_to() {
         let client = client.clone();
         async move {
             for _ in 0..n {
-                client
-                    .gradient(
-                        &vec![0.0; l * d],
-                        (1, l, d),
-                        &[0],
-                        &vec![-1; fields],
-                        fields,
-                    )
-                    .await
-                    .unwrap();
+                let batch = GuideBatch {
+                    rows: 1,
+                    latents: vec![0.0; l * d],
+                    timesteps: vec![0],
+                    targets: vec![-1; fields],
+                };
+                let dims = Dims {
+                    seq_len: l,
+                    embed_dim: d,
+                    fields,
+                };
+                client.gradient(dims, batch).await.unwrap();
             }
         }
     };

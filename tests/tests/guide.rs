@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use dlm_proto::guide_contract::{decode_response, encode_request, Dims, GuideBatch};
 use dlm_proto::inference::*;
 use dlm_tests::{repo_root, venv_python, GuideServer};
 use tonic::Code;
@@ -74,47 +75,36 @@ fn normals(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-fn tensor(name: &str, datatype: &str, shape: Vec<i64>) -> model_infer_request::InferInputTensor {
-    model_infer_request::InferInputTensor {
-        name: name.into(),
-        datatype: datatype.into(),
-        shape,
-        ..Default::default()
+fn dims(c: &Card) -> Dims {
+    Dims {
+        seq_len: c.l,
+        embed_dim: c.d,
+        fields: c.f,
     }
 }
 
+/// A ModelInfer for the shipped guide, encoded by the one codec of the contract.
 fn request(c: &Card, latents: &[f32], timesteps: &[i64], targets: &[i64]) -> ModelInferRequest {
-    let b = timesteps.len() as i64;
-    ModelInferRequest {
-        model_name: MODEL.into(),
-        inputs: vec![
-            tensor("latents", "FP32", vec![b, c.l as i64, c.d as i64]),
-            tensor("timesteps", "INT64", vec![b]),
-            tensor("targets", "INT64", vec![b, c.f as i64]),
-        ],
-        raw_input_contents: vec![
-            latents.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            timesteps.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            targets.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        ],
-        ..Default::default()
-    }
-}
-
-fn floats(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
-}
-
-/// (log_prob, grad) of a response.
-fn outputs(r: &ModelInferResponse) -> (Vec<f32>, Vec<f32>) {
-    let find = |name: &str| {
-        let i = r.outputs.iter().position(|o| o.name == name).unwrap();
-        floats(&r.raw_output_contents[i])
+    let batch = GuideBatch {
+        rows: timesteps.len(),
+        latents: latents.to_vec(),
+        timesteps: timesteps.to_vec(),
+        targets: targets.to_vec(),
     };
-    (find("log_prob"), find("grad"))
+    encode_request(MODEL, dims(c), &batch)
+}
+
+/// (log_prob, grad) of a response, decoded by the codec.
+fn outputs(r: &ModelInferResponse) -> (Vec<f32>, Vec<f32>) {
+    let rows = r
+        .outputs
+        .iter()
+        .find(|o| o.name == "log_prob")
+        .unwrap()
+        .shape[0] as usize;
+    let c = card();
+    let out = decode_response(r, rows, dims(&c)).unwrap();
+    (out.log_prob, out.grad)
 }
 
 fn sample_inputs(c: &Card, b: usize, seed: u64) -> (Vec<f32>, Vec<i64>, Vec<i64>) {
@@ -376,6 +366,68 @@ async fn hot_swap_under_load_loses_nothing_and_a_broken_model_keeps_the_old_one(
     assert!(ready.into_inner().ready);
 }
 
+/// The ONNX model with its weights' middle turned to NaN: it loads, and computes garbage.
+fn with_nan_weights(model: &[u8]) -> Vec<u8> {
+    let mut bytes = model.to_vec();
+    let mid = bytes.len() / 2 / 4 * 4;
+    for chunk in bytes[mid..mid + 4096].chunks_exact_mut(4) {
+        chunk.copy_from_slice(&f32::NAN.to_le_bytes());
+    }
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_with_a_foreign_card_or_nan_outputs_is_refused_while_the_old_one_serves() {
+    let c = card();
+    let repo = scratch_repository();
+    let server = GuideServer::start(repo.path(), &["--poll-ms", "0"]).await;
+    let mut client = server.client().await.unwrap();
+    let dir = |v: &str| repo.path().join(MODEL).join(v);
+    let load = |client: &mut dlm_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient<tonic::transport::Channel>| {
+        let mut client = client.clone();
+        async move {
+            client
+                .repository_model_load(RepositoryModelLoadRequest {
+                    model_name: MODEL.into(),
+                    ..Default::default()
+                })
+                .await
+        }
+    };
+    // Version 2 is another guide's model (other fields): same name, another card.
+    std::fs::create_dir_all(dir("2")).unwrap();
+    std::fs::copy(
+        shipped_repository().join("e2e-names/1/model.onnx"),
+        dir("2").join("model.onnx"),
+    )
+    .unwrap();
+    let err = load(&mut client).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    assert!(
+        err.message().contains("card differs from version 1"),
+        "{}",
+        err.message()
+    );
+    std::fs::remove_dir_all(dir("2")).unwrap();
+
+    // Version 3 has corrupted weights: it loads in ONNX Runtime, the canary sees NaN.
+    std::fs::create_dir_all(dir("3")).unwrap();
+    let model = std::fs::read(dir("1").join("model.onnx")).unwrap();
+    std::fs::write(dir("3").join("model.onnx"), with_nan_weights(&model)).unwrap();
+    let err = load(&mut client).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    assert!(err.message().contains("non-finite"), "{}", err.message());
+
+    // Version 1 served throughout.
+    let (lat, ts, tg) = sample_inputs(&c, 2, 8);
+    let r = client
+        .model_infer(request(&c, &lat, &ts, &tg))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.model_version, "1");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_tensors_and_unknown_models_are_clear_errors() {
     let c = card();
@@ -409,12 +461,20 @@ async fn bad_tensors_and_unknown_models_are_clear_errors() {
         Code::InvalidArgument,
         vec!["latents".into(), "bytes".into()],
     ));
-    let mut nan = lat.clone();
-    nan[5] = f32::NAN;
+    let mut r = good.clone();
+    r.inputs[0].shape = vec![1 << 61, c.l as i64, c.d as i64];
+    r.inputs[1].shape = vec![1 << 61];
+    r.inputs[2].shape = vec![1 << 61, c.f as i64];
     cases.push((
-        request(&c, &nan, &ts, &tg),
+        r,
         Code::InvalidArgument,
-        vec!["latents".into(), "non-finite".into()],
+        vec!["latents".into(), "at most 64".into()],
+    ));
+    let (lat65, ts65, tg65) = sample_inputs(&c, 65, 4);
+    cases.push((
+        request(&c, &lat65, &ts65, &tg65),
+        Code::InvalidArgument,
+        vec!["65 rows".into(), "at most 64".into()],
     ));
     cases.push((
         request(&c, &lat, &[0, c.t], &tg),
@@ -454,7 +514,44 @@ async fn bad_tensors_and_unknown_models_are_clear_errors() {
         }
     }
     // Nothing above hurt the server.
-    client.model_infer(good).await.unwrap();
+    let (good_lp, good_grad) = outputs(&client.model_infer(good).await.unwrap().into_inner());
+
+    // A row with a NaN is answered as NaN with a zero gradient; its batch-mate as if alone.
+    let mut nan = lat.clone();
+    nan[5] = f32::NAN;
+    let (lp, grad) = outputs(
+        &client
+            .model_infer(request(&c, &nan, &ts, &tg))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let per = c.l * c.d;
+    assert!(lp[0].is_nan(), "{lp:?}");
+    assert!(grad[..per].iter().all(|g| *g == 0.0));
+    assert!((lp[1] - good_lp[1]).abs() < 1e-5, "{lp:?} vs {good_lp:?}");
+    let worst = grad[per..]
+        .iter()
+        .zip(&good_grad[per..])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-5, "{worst}");
+
+    // Client-chosen model names do not become metric labels.
+    for i in 0..50 {
+        let mut r = request(&c, &lat, &ts, &tg);
+        r.model_name = format!("made-up-{i}");
+        assert_eq!(
+            client.model_infer(r).await.unwrap_err().code(),
+            Code::NotFound
+        );
+    }
+    let metrics = server.metrics();
+    assert!(
+        !metrics.contains("made-up-"),
+        "client names leaked into /metrics"
+    );
+    assert!(metrics.contains("model=\"unknown\""), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -63,11 +63,18 @@ pub fn sequence_rng(seed: u64, index: usize) -> StdRng {
     StdRng::seed_from_u64(seed ^ (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
+/// `n` standard normal values from one sequence's stream.
+pub fn normal_row(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| -> f32 { StandardNormal.sample(rng) })
+        .collect()
+}
+
 /// Standard normal noise [B, L, D], one row of each sequence's own stream.
 pub fn normal_noise(rngs: &mut [StdRng], l: usize, d: usize, device: &Device) -> Result<Tensor> {
     let mut data = Vec::with_capacity(rngs.len() * l * d);
     for rng in rngs.iter_mut() {
-        data.extend((0..l * d).map(|_| -> f32 { StandardNormal.sample(rng) }));
+        data.extend(normal_row(rng, l * d));
     }
     Ok(Tensor::from_vec(data, (rngs.len(), l, d), device)?)
 }

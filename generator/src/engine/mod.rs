@@ -1,21 +1,32 @@
 //! The engine: one batch loop owns the model. Requests join and leave between steps; every
 //! sequence carries its own schedule, step index and random stream, so one denoiser forward serves
-//! the whole mixed batch. At each guided step every guide is called once, for all the sequences it
-//! steers. Length and infilling rewrite fixed positions every step (no classifier needed).
+//! the whole mixed batch.
+//!
+//! The loop never waits on a guide. At a guided step a sequence's proposal goes to the guidance
+//! loop (`guidance::step`) as a task on the runtime, in a cohort with the other sequences that
+//! need the same guides, and the sequence sits out the denoiser until its cohort answers; every
+//! other sequence keeps stepping. A slow or dead guide delays only the sequences it steers, and an
+//! unguided request's latency does not depend on any guide. Final scores are fetched the same way.
+//!
+//! Admission: a request holds a permit from submission until it is answered; `max_queue` permits
+//! bound the requests in the engine (waiting or running). Length and infilling rewrite fixed
+//! positions every step (no classifier needed).
 
-use std::collections::VecDeque;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::Arc;
-use std::time::Instant;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 use rand::rngs::StdRng;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::diffusion::likelihood::reconstruction_log_prob;
-use crate::diffusion::sampler::{add_noise, normal_noise, reverse_step, sequence_rng, SeqStep};
+use crate::diffusion::sampler::{normal_row, reverse_step, sequence_rng, SeqStep};
 use crate::diffusion::{NoiseSchedule, SamplerKind};
-use crate::guidance::{self, GuidanceConfig, RegisteredGuide};
+use crate::guidance::step::{final_scores, guide_rows, GuidedRow};
+pub use crate::guidance::Control;
+use crate::guidance::GuidanceConfig;
 use crate::model::LoadedModel;
 use crate::{Error, Result};
 
@@ -23,20 +34,16 @@ use crate::{Error, Result};
 pub struct EngineOptions {
     /// Sequences in one denoiser batch.
     pub max_batch: usize,
-    /// Requests waiting to start; past that, RESOURCE_EXHAUSTED.
+    /// Requests in the engine (waiting or running); past that, RESOURCE_EXHAUSTED.
     pub max_queue: usize,
-}
-
-/// Steer towards `targets` (a value id per field of `guide`, −1 = free) with `weight`.
-#[derive(Clone)]
-pub struct Control {
-    pub guide: Arc<RegisteredGuide>,
-    pub targets: Vec<i64>,
-    pub weight: f32,
+    /// Rows in one guide call (larger guidance work is split into calls of this size).
+    pub guide_max_rows: usize,
 }
 
 /// A validated generation request (the server builds it from the wire).
 pub struct Job {
+    /// The request's id (in logs and in the response).
+    pub id: u64,
     pub n: usize,
     /// Candidates per text (≥ 1): the best by model log p + guides' log p is returned.
     pub best_of: usize,
@@ -91,32 +98,73 @@ struct Submitted {
     job: Job,
     events: mpsc::UnboundedSender<Event>,
     submitted: Instant,
+    permit: OwnedSemaphorePermit,
+}
+
+/// What wakes the engine: a new request, or a guidance task's answer.
+enum Inbox {
+    Submit(Submitted),
+    /// A cohort's guided means (or the error that ends a row's request), by sequence id.
+    Guided {
+        rows: Vec<(u64, Result<Vec<f32>>)>,
+        ms: f64,
+    },
+    /// Finished texts with their final scores: (request, slot, text).
+    Scored(Vec<Finished>),
+}
+
+/// A finished text: (request, slot, text).
+type Finished = (u64, usize, GeneratedText);
+
+/// The guides a request's controls call: sequences that need the same ones wait together.
+fn guide_set(controls: &[Control]) -> Vec<usize> {
+    let mut key: Vec<usize> = controls
+        .iter()
+        .map(|c| Arc::as_ptr(&c.guide) as usize)
+        .collect();
+    key.sort_unstable();
+    key.dedup();
+    key
+}
+
+/// Items grouped by the guide set they wait on.
+type Groups<T> = Vec<(Vec<usize>, Vec<T>)>;
+
+/// Adds `item` to the group of `key`, groups in first-seen order.
+fn push_grouped<K: PartialEq, T>(groups: &mut Vec<(K, Vec<T>)>, key: K, item: T) {
+    match groups.iter_mut().find(|g| g.0 == key) {
+        Some(g) => g.1.push(item),
+        None => groups.push((key, vec![item])),
+    }
 }
 
 #[derive(Clone)]
 pub struct EngineHandle {
-    tx: SyncSender<Submitted>,
+    inbox: Sender<Inbox>,
+    permits: Arc<Semaphore>,
+    max_queue: usize,
+    /// The engine stops when the last handle is gone and nothing is running.
+    _alive: Arc<()>,
 }
 
 impl EngineHandle {
     /// Queues a job; events arrive on the returned channel. Dropping the receiver cancels the job.
     pub fn submit(&self, job: Job) -> Result<mpsc::UnboundedReceiver<Event>> {
+        let permit = Arc::clone(&self.permits).try_acquire_owned().map_err(|_| {
+            Error::ResourceExhausted(format!(
+                "the generator holds {} requests, its --max-queue; retry later",
+                self.max_queue
+            ))
+        })?;
         let (events, rx) = mpsc::unbounded_channel();
-        self.tx
-            .try_send(Submitted {
+        self.inbox
+            .send(Inbox::Submit(Submitted {
                 job,
                 events,
                 submitted: Instant::now(),
-            })
-            .map_err(|e| match e {
-                TrySendError::Full(_) => {
-                    Error::ResourceExhausted("the generator's queue is full; retry later".into())
-                }
-                TrySendError::Disconnected(_) => {
-                    Error::Unavailable("the generator is shutting down".into())
-                }
-            })?;
-        metrics::gauge!("dlm_generator_queue_depth").increment(1.0);
+                permit,
+            }))
+            .map_err(|_| Error::Unavailable("the generator is shutting down".into()))?;
         Ok(rx)
     }
 }
@@ -124,108 +172,178 @@ impl EngineHandle {
 /// A request in progress.
 struct Running {
     job: Job,
+    controls: Arc<[Control]>,
     schedule: NoiseSchedule,
     events: mpsc::UnboundedSender<Event>,
     submitted: Instant,
-    started: Instant,
+    /// When its first sequence entered the batch.
+    started: Option<Instant>,
     next_slot: usize,
     results: Vec<Option<GeneratedText>>,
     guidance_ms: f64,
-}
-
-impl Running {
-    fn done(&self) -> bool {
-        self.results.iter().all(Option::is_some)
-    }
+    last_progress: Option<usize>,
+    _permit: OwnedSemaphorePermit,
 }
 
 /// Mixed into a request's seed for the noise that scores its candidates (not the sampling noise).
 const CANDIDATE_SCORE_STREAM: u64 = 0x5C0E_5C0E_5C0E_5C0E;
 
-/// A sequence a guide steers this step: (batch row, targets, weight).
-type GuidedRow = (usize, Vec<i64>, f32);
-
-struct Seq {
-    run: usize, // index into `running`
-    slot: usize,
-    x: Tensor,
-    prev: Tensor,
-    index: usize,
-    rng: StdRng,
+/// A guided step's proposal, kept while the sequence's cohort is with the guides.
+struct Pending {
+    x0: Vec<f32>,
+    sigma: f32,
 }
 
-/// Starts the batch loop on its own thread; guide calls run on `rt`.
+struct Seq {
+    id: u64,
+    run: u64,
+    slot: usize,
+    /// Latents x_t and the last x0 estimate (self-conditioning), flat [L·D].
+    x: Vec<f32>,
+    prev: Vec<f32>,
+    index: usize,
+    rng: StdRng,
+    pending: Option<Pending>,
+}
+
+/// A sequence ready to take its noise: (id, mean, x0, sigma).
+type Proposed = (u64, Vec<f32>, Vec<f32>, f32);
+
+/// Starts the batch loop on its own thread; guidance tasks run on `rt`.
 pub fn start(
     model: Arc<LoadedModel>,
     rt: tokio::runtime::Handle,
     options: EngineOptions,
-) -> EngineHandle {
-    let (tx, rx) = sync_channel(options.max_queue.max(1));
+) -> Result<EngineHandle> {
+    let (tx, rx) = channel();
+    let alive = Arc::new(());
+    let cfg = &model.model.config;
+    let train_schedule = NoiseSchedule::new(cfg.schedule, cfg.diffusion_steps)?;
+    let embedding = model.model.embedding().to_vec2::<f32>()?;
+    let mut engine = Engine {
+        train_schedule,
+        embedding,
+        model,
+        rt,
+        options,
+        inbox: tx.clone(),
+        running: HashMap::new(),
+        seqs: Vec::new(),
+        waiting: VecDeque::new(),
+        next_seq: 0,
+        tasks: 0,
+    };
+    let weak = Arc::downgrade(&alive);
     std::thread::Builder::new()
         .name("dlm-engine".into())
-        .spawn(move || {
-            let cfg = &model.model.config;
-            let train_schedule = NoiseSchedule::new(cfg.schedule, cfg.diffusion_steps)
-                .expect("a loaded model's schedule is valid");
-            let mut engine = Engine {
-                train_schedule,
-                model,
-                rt,
-                options,
-                running: Vec::new(),
-                seqs: Vec::new(),
-                waiting: VecDeque::new(),
-            };
-            engine.run(rx)
-        })
-        .expect("spawn engine thread");
-    EngineHandle { tx }
+        .spawn(move || engine.run(rx, weak))
+        .map_err(|e| Error::Internal(format!("cannot start the engine thread: {e}")))?;
+    Ok(EngineHandle {
+        inbox: tx,
+        permits: Arc::new(Semaphore::new(options.max_queue.max(1))),
+        max_queue: options.max_queue.max(1),
+        _alive: alive,
+    })
 }
 
 struct Engine {
     model: Arc<LoadedModel>,
     rt: tokio::runtime::Handle,
     options: EngineOptions,
-    running: Vec<Option<Running>>,
+    inbox: Sender<Inbox>,
+    running: HashMap<u64, Running>,
     seqs: Vec<Seq>,
-    waiting: VecDeque<usize>,
+    waiting: VecDeque<u64>,
+    next_seq: u64,
+    /// Guidance and scoring tasks in flight.
+    tasks: usize,
     /// The model's training schedule (candidates are scored at its noise levels).
     train_schedule: NoiseSchedule,
+    /// The word embeddings, for rewriting fixed positions.
+    embedding: Vec<Vec<f32>>,
 }
 
 impl Engine {
-    fn run(&mut self, rx: Receiver<Submitted>) {
+    fn run(&mut self, rx: Receiver<Inbox>, alive: Weak<()>) {
         loop {
-            if self.seqs.is_empty() && self.waiting.is_empty() {
-                match rx.recv() {
-                    Ok(s) => self.accept(s),
-                    Err(_) => break,
+            let runnable = self.seqs.iter().any(|s| s.pending.is_none())
+                || (self.seqs.len() < self.options.max_batch && !self.waiting.is_empty());
+            let first = if runnable {
+                rx.try_recv().ok()
+            } else {
+                // Idle or waiting on guides: wake often enough to keep deadlines.
+                let wait = if self.running.is_empty() {
+                    Duration::from_millis(100)
+                } else {
+                    Duration::from_millis(5)
+                };
+                match rx.recv_timeout(wait) {
+                    Ok(m) => Some(m),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            };
+            if let Some(m) = first {
+                self.handle(m);
+                while let Ok(m) = rx.try_recv() {
+                    self.handle(m);
                 }
             }
-            while let Ok(s) = rx.try_recv() {
-                self.accept(s);
+            if self.running.is_empty() && self.tasks == 0 && alive.strong_count() == 0 {
+                break;
             }
             self.reap();
             self.admit();
-            if self.seqs.is_empty() {
-                continue;
+            if self.seqs.iter().any(|s| s.pending.is_none()) {
+                self.step_guarded();
             }
-            let started = Instant::now();
-            if let Err(e) = self.step() {
-                tracing::error!(error = %e, "engine step failed");
-                let runs: Vec<usize> = self.seqs.iter().map(|s| s.run).collect();
-                for r in runs {
-                    self.fail(r, Error::Internal(e.to_string()));
-                }
-            }
-            metrics::histogram!("dlm_generator_step_seconds")
-                .record(started.elapsed().as_secs_f64());
+            metrics::gauge!("dlm_generator_queue_depth").set(self.waiting.len() as f64);
+            metrics::gauge!("dlm_generator_requests_in_flight").set(self.running.len() as f64);
         }
         tracing::info!("engine stopped");
     }
 
+    fn handle(&mut self, m: Inbox) {
+        match m {
+            Inbox::Submit(s) => self.accept(s),
+            Inbox::Guided { rows, ms } => {
+                self.tasks -= 1;
+                let mut ready = Vec::new();
+                let mut runs = BTreeSet::new();
+                for (id, result) in rows {
+                    let Some(s) = self.seqs.iter_mut().find(|s| s.id == id) else {
+                        continue; // its request ended meanwhile
+                    };
+                    let (run, pending) = (s.run, s.pending.take());
+                    runs.insert(run);
+                    match (result, pending) {
+                        (Ok(mean), Some(p)) => ready.push((id, mean, p.x0, p.sigma)),
+                        (Err(e), _) => self.fail(run, e),
+                        (Ok(_), None) => tracing::error!(seq = id, "guided row was not pending"),
+                    }
+                }
+                for run in runs {
+                    if let Some(r) = self.running.get_mut(&run) {
+                        r.guidance_ms += ms;
+                    }
+                }
+                if let Err(e) = self.advance(ready) {
+                    tracing::error!(error = %e, "advancing guided rows failed");
+                }
+            }
+            Inbox::Scored(texts) => {
+                self.tasks -= 1;
+                for (run, slot, text) in texts {
+                    if let Some(r) = self.running.get_mut(&run) {
+                        r.results[slot] = Some(text);
+                    }
+                }
+                self.answer_complete();
+            }
+        }
+    }
+
     fn accept(&mut self, s: Submitted) {
-        metrics::gauge!("dlm_generator_queue_depth").decrement(1.0);
         let cfg = &self.model.model.config;
         let schedule = match NoiseSchedule::new(cfg.schedule, cfg.diffusion_steps)
             .and_then(|full| full.respace(s.job.steps))
@@ -236,111 +354,153 @@ impl Engine {
                 return;
             }
         };
+        let id = s.job.id;
         let n = s.job.n * s.job.best_of;
-        self.running.push(Some(Running {
-            job: s.job,
-            schedule,
-            events: s.events,
-            submitted: s.submitted,
-            started: Instant::now(),
-            next_slot: 0,
-            results: (0..n).map(|_| None).collect(),
-            guidance_ms: 0.0,
-        }));
-        self.waiting.push_back(self.running.len() - 1);
+        tracing::debug!(request = id, texts = n, "accepted");
+        self.running.insert(
+            id,
+            Running {
+                controls: s.job.controls.clone().into(),
+                job: s.job,
+                schedule,
+                events: s.events,
+                submitted: s.submitted,
+                started: None,
+                next_slot: 0,
+                results: (0..n).map(|_| None).collect(),
+                guidance_ms: 0.0,
+                last_progress: None,
+                _permit: s.permit,
+            },
+        );
+        self.waiting.push_back(id);
     }
 
     /// Drops requests whose caller went away or whose deadline passed (their slots free up now).
     fn reap(&mut self) {
         let now = Instant::now();
-        for i in 0..self.running.len() {
-            let Some(r) = &self.running[i] else { continue };
+        let ids: Vec<u64> = self.running.keys().copied().collect();
+        for id in ids {
+            let r = &self.running[&id];
             if r.events.is_closed() {
-                tracing::debug!(run = i, "cancelled by the client");
+                tracing::debug!(request = id, "cancelled by the client");
                 metrics::counter!("dlm_generator_requests_total", "status" => "cancelled")
                     .increment(1);
-                self.drop_run(i);
+                self.drop_run(id);
             } else if r.job.deadline.is_some_and(|d| now >= d) {
                 self.fail(
-                    i,
+                    id,
                     Error::DeadlineExceeded("deadline exceeded before the texts were done".into()),
                 );
             }
         }
-        // Compact the request table when nothing refers to the tail.
-        while matches!(self.running.last(), Some(None)) {
-            self.running.pop();
-        }
     }
 
-    fn drop_run(&mut self, i: usize) {
-        self.running[i] = None;
-        self.seqs.retain(|s| s.run != i);
-        self.waiting.retain(|&w| w != i);
+    fn drop_run(&mut self, id: u64) {
+        self.running.remove(&id);
+        self.seqs.retain(|s| s.run != id);
+        self.waiting.retain(|&w| w != id);
     }
 
-    fn fail(&mut self, i: usize, e: Error) {
-        if let Some(r) = &self.running[i] {
-            metrics::counter!("dlm_generator_requests_total", "status" => status_label(&e))
-                .increment(1);
+    fn fail(&mut self, id: u64, e: Error) {
+        if let Some(r) = self.running.get(&id) {
+            tracing::debug!(request = id, error = %e, "failed");
             let _ = r.events.send(Event::Done(Err(e)));
         }
-        self.drop_run(i);
+        self.drop_run(id);
     }
 
     fn admit(&mut self) {
         let cfg = &self.model.model.config;
-        let (l, d) = (cfg.seq_len, cfg.embed_dim);
-        let device = self.model.model.device().clone();
+        let per = cfg.seq_len * cfg.embed_dim;
         while self.seqs.len() < self.options.max_batch {
-            let Some(&i) = self.waiting.front() else {
+            let Some(&id) = self.waiting.front() else {
                 break;
             };
-            let Some(r) = self.running[i].as_mut() else {
+            let Some(r) = self.running.get_mut(&id) else {
                 self.waiting.pop_front();
                 continue;
             };
             let slot = r.next_slot;
             r.next_slot += 1;
+            r.started.get_or_insert_with(Instant::now);
             if r.next_slot >= r.results.len() {
                 self.waiting.pop_front();
             }
             let mut rng = sequence_rng(r.job.seed, slot);
-            let x = match normal_noise(std::slice::from_mut(&mut rng), l, d, &device) {
-                Ok(x) => x,
-                Err(e) => {
-                    self.fail(i, e);
-                    continue;
-                }
-            };
-            let prev = x.zeros_like().expect("zeros");
-            let index = r.schedule.len() - 1;
+            let x = normal_row(&mut rng, per);
+            self.next_seq += 1;
             self.seqs.push(Seq {
-                run: i,
+                id: self.next_seq,
+                run: id,
                 slot,
                 x,
-                prev,
-                index,
+                prev: vec![0.0; per],
+                index: r.schedule.len() - 1,
                 rng,
+                pending: None,
             });
         }
     }
 
+    /// [`step`](Self::step), with a failure or a panic ending only the requests in that step.
+    fn step_guarded(&mut self) {
+        let in_step: BTreeSet<u64> = self
+            .seqs
+            .iter()
+            .filter(|s| s.pending.is_none())
+            .map(|s| s.run)
+            .collect();
+        let started = Instant::now();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));
+        let error = match outcome {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(panic) => Some(
+                panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "panic".into()),
+            ),
+        };
+        if let Some(e) = error {
+            tracing::error!(error = %e, requests = in_step.len(), "engine step failed");
+            for run in in_step {
+                self.fail(run, Error::Internal(format!("the step failed: {e}")));
+            }
+        }
+        metrics::histogram!("dlm_generator_step_seconds").record(started.elapsed().as_secs_f64());
+    }
+
+    /// One denoiser forward for every sequence not with the guides; guided proposals go to their
+    /// cohorts' tasks, the rest take their noise now.
     fn step(&mut self) -> Result<()> {
         let model = Arc::clone(&self.model);
         let lm = &model.model;
         let cfg = &lm.config;
         let (l, d) = (cfg.seq_len, cfg.embed_dim);
+        let per = l * d;
         let device = lm.device().clone();
-        metrics::histogram!("dlm_generator_batch_size").record(self.seqs.len() as f64);
-        let x = Tensor::cat(&self.seqs.iter().map(|s| &s.x).collect::<Vec<_>>(), 0)?;
-        let prev = Tensor::cat(&self.seqs.iter().map(|s| &s.prev).collect::<Vec<_>>(), 0)?;
-        let proposal = {
-            let steps: Vec<SeqStep> = self
-                .seqs
+        let ready: Vec<usize> = (0..self.seqs.len())
+            .filter(|&i| self.seqs[i].pending.is_none())
+            .collect();
+        let b = ready.len();
+        metrics::histogram!("dlm_generator_batch_size").record(b as f64);
+        let gather = |f: fn(&Seq) -> &Vec<f32>| -> Result<Tensor> {
+            let data: Vec<f32> = ready
                 .iter()
-                .map(|s| {
-                    let r = self.running[s.run].as_ref().expect("live run");
+                .flat_map(|&i| f(&self.seqs[i]).iter().copied())
+                .collect();
+            Ok(Tensor::from_vec(data, (b, l, d), &device)?)
+        };
+        let (x, prev) = (gather(|s| &s.x)?, gather(|s| &s.prev)?);
+        let proposal = {
+            let steps: Vec<SeqStep> = ready
+                .iter()
+                .map(|&i| {
+                    let s = &self.seqs[i];
+                    let r = &self.running[&s.run];
                     SeqStep {
                         schedule: &r.schedule,
                         index: s.index,
@@ -351,325 +511,131 @@ impl Engine {
                 .collect();
             reverse_step(lm, &x, &steps, Some(&prev))?
         };
-        let mut mean = proposal.mean.flatten_all()?.to_vec1::<f32>()?;
-        let per = l * d;
+        let mean = proposal.mean.flatten_all()?.to_vec1::<f32>()?;
+        let x0 = proposal.x0.flatten_all()?.to_vec1::<f32>()?;
 
-        // Guidance: for each guide, one batched call per gradient step for all sequences it steers.
-        let failed = self.guide(&mut mean, &proposal.x0, &proposal.sigma, per)?;
-
-        let mean = Tensor::from_vec(mean, (self.seqs.len(), l, d), &device)?;
-        let mut noise_rows = Vec::with_capacity(self.seqs.len());
-        for s in self.seqs.iter_mut() {
-            noise_rows.push(normal_noise(
-                std::slice::from_mut(&mut s.rng),
-                l,
-                d,
-                &device,
-            )?);
+        let mut now: Vec<Proposed> = Vec::new();
+        // Cohorts: the sequences guided by the same set of guides wait together.
+        let mut cohorts: Groups<(u64, GuidedRow)> = Vec::new();
+        for (j, &i) in ready.iter().enumerate() {
+            let s = &self.seqs[i];
+            let r = &self.running[&s.run];
+            let (m, x0) = (
+                mean[j * per..(j + 1) * per].to_vec(),
+                x0[j * per..(j + 1) * per].to_vec(),
+            );
+            let sigma = proposal.sigma[j];
+            if r.controls.is_empty() || !r.job.guidance.active(s.index) {
+                now.push((s.id, m, x0, sigma));
+                continue;
+            }
+            let key = guide_set(&r.controls);
+            let row = GuidedRow {
+                mean: m,
+                x0: x0.clone(),
+                sigma,
+                // The guide sees the latents at the level they move to: step index − 1.
+                t: r.schedule.timesteps[s.index.saturating_sub(1)] as i64,
+                controls: Arc::clone(&r.controls),
+                config: r.job.guidance,
+            };
+            let id = s.id;
+            self.seqs[i].pending = Some(Pending { x0, sigma });
+            push_grouped(&mut cohorts, key, (id, row));
         }
-        let noise = Tensor::cat(&noise_rows, 0)?;
-        let x_next = add_noise(&mean, &proposal.sigma, &noise)?;
-        let x_next = self.rewrite_fixed(&x_next, &noise)?;
+        for (_, members) in cohorts {
+            let (ids, rows): (Vec<u64>, Vec<GuidedRow>) = members.into_iter().unzip();
+            self.tasks += 1;
+            let (inbox, max_rows) = (self.inbox.clone(), self.options.guide_max_rows);
+            self.rt.spawn(async move {
+                let started = Instant::now();
+                let results = guide_rows(&rows, max_rows).await;
+                let ms = started.elapsed().as_secs_f64() * 1e3;
+                let _ = inbox.send(Inbox::Guided {
+                    rows: ids.into_iter().zip(results).collect(),
+                    ms,
+                });
+            });
+        }
+        self.advance(now)
+    }
 
-        // Advance every sequence; collect the finished ones.
+    /// Adds each proposal's noise (x_{t−1} = mean + σ·ε from the sequence's own stream), rewrites
+    /// fixed positions, and moves the sequences one step on; finished ones are rounded.
+    fn advance(&mut self, proposed: Vec<Proposed>) -> Result<()> {
+        let cfg = &self.model.model.config;
+        let (l, d) = (cfg.seq_len, cfg.embed_dim);
         let mut finished = Vec::new();
-        for (b, s) in self.seqs.iter_mut().enumerate() {
-            s.x = x_next.narrow(0, b, 1)?;
-            s.prev = proposal.x0.narrow(0, b, 1)?;
+        let mut runs = BTreeSet::new();
+        for (id, mean, x0, sigma) in proposed {
+            let Some(i) = self.seqs.iter().position(|s| s.id == id) else {
+                continue;
+            };
+            let s = &mut self.seqs[i];
+            let Some(r) = self.running.get(&s.run) else {
+                continue;
+            };
+            let noise = normal_row(&mut s.rng, l * d);
+            let mut x: Vec<f32> = mean
+                .iter()
+                .zip(&noise)
+                .map(|(m, e)| m + e * sigma)
+                .collect();
+            // Fixed positions: the known word's embedding, noised to the level x is now at.
+            if r.job.fixed.iter().any(Option::is_some) {
+                let abar = r.schedule.alphas_cumprod_prev[s.index];
+                let (a, c) = (abar.sqrt() as f32, (1.0 - abar).sqrt() as f32);
+                for (pos, fixed) in r.job.fixed.iter().enumerate().take(l) {
+                    if let Some(word) = fixed {
+                        for j in 0..d {
+                            let k = pos * d + j;
+                            x[k] = a * self.embedding[*word as usize][j] + c * noise[k];
+                        }
+                    }
+                }
+            }
+            s.x = x;
+            s.prev = x0;
+            runs.insert(s.run);
             if s.index == 0 {
-                finished.push(b);
+                finished.push(s.id);
             } else {
                 s.index -= 1;
             }
         }
-        self.progress(&proposal.x0)?;
+        self.progress(&runs)?;
         if !finished.is_empty() {
-            self.finish(&finished, &x_next)?;
-        }
-        // Requests whose guide failed end now, after the batch has moved as one.
-        for (run, e) in failed {
-            self.fail(run, e);
+            self.finish(&finished)?;
         }
         Ok(())
     }
 
-    /// One batched ModelInfer on the runtime: log p and its gradient for `lat` [rows, L, D].
-    fn call_guide(
-        &self,
-        g: &Arc<RegisteredGuide>,
-        lat: Vec<f32>,
-        ts: Vec<i64>,
-        tg: Vec<i64>,
-    ) -> tokio::task::JoinHandle<Result<(Vec<f32>, Vec<f32>)>> {
-        let cfg = &self.model.model.config;
-        let (l, d) = (cfg.seq_len, cfg.embed_dim);
-        let (client, fields, name) = (g.client.clone(), g.fields.len(), g.name.clone());
-        let b = ts.len();
-        let call_started = Instant::now();
-        self.rt.spawn(async move {
-            let out = client.gradient(&lat, (b, l, d), &ts, &tg, fields).await;
-            metrics::histogram!("dlm_generator_guide_seconds", "guide" => name)
-                .record(call_started.elapsed().as_secs_f64());
-            out
-        })
-    }
-
-    /// Drops from `by_guide` the rows whose request gates on satisfaction and whose current x0
-    /// estimate the guide already reads as its targets (p(c | x̂0) at t = 0 at least the
-    /// request's `satisfied_prob`): the text says it already, and pulling further only makes
-    /// it say it twice. One call per guide; a guide that fails here keeps all its rows.
-    fn drop_satisfied(
-        &self,
-        by_guide: &mut Vec<(Arc<RegisteredGuide>, Vec<GuidedRow>)>,
-        x0: &Tensor,
-        per: usize,
-    ) -> Result<()> {
-        let gated = |b: usize| {
-            self.running[self.seqs[b].run]
-                .as_ref()
-                .is_some_and(|r| r.job.guidance.satisfied_prob < 1.0)
-        };
-        if !by_guide
-            .iter()
-            .any(|(_, rows)| rows.iter().any(|r| gated(r.0)))
-        {
-            return Ok(());
-        }
-        // Read out of the tensor only when some request gates (not on every guided step).
-        let x0 = x0.flatten_all()?.to_vec1::<f32>()?;
-        let calls: Vec<_> = by_guide
-            .iter()
-            .map(|(g, rows)| {
-                let asked: Vec<&GuidedRow> = rows.iter().filter(|r| gated(r.0)).collect();
-                if asked.is_empty() {
-                    return None;
-                }
-                let lat = asked
-                    .iter()
-                    .flat_map(|r| x0[r.0 * per..(r.0 + 1) * per].iter().copied())
-                    .collect();
-                let tg = asked.iter().flat_map(|r| r.1.iter().copied()).collect();
-                let rows: Vec<usize> = asked.iter().map(|r| r.0).collect();
-                Some((rows, self.call_guide(g, lat, vec![0; asked.len()], tg)))
-            })
-            .collect();
-        for ((_, rows), call) in by_guide.iter_mut().zip(calls) {
-            let Some((asked, handle)) = call else {
+    fn progress(&mut self, runs: &BTreeSet<u64>) -> Result<()> {
+        for &id in runs {
+            let Some(r) = self.running.get(&id) else {
                 continue;
             };
-            let Ok(Ok((log_p, _))) = self.rt.block_on(handle) else {
-                continue;
-            };
-            let satisfied: Vec<usize> = asked
-                .iter()
-                .zip(log_p)
-                .filter(|(&b, lp)| {
-                    let r = self.running[self.seqs[b].run].as_ref().expect("live run");
-                    r.job.guidance.satisfied(*lp)
-                })
-                .map(|(&b, _)| b)
-                .collect();
-            rows.retain(|r| !satisfied.contains(&r.0));
-        }
-        by_guide.retain(|(_, rows)| !rows.is_empty());
-        Ok(())
-    }
-
-    /// Runs the guidance loop on the flat proposal means of guided sequences (`x0`: the x0
-    /// estimates [B, L, D], read by the satisfaction gate). Returns the requests to fail because a
-    /// guide they need failed (the others go on).
-    fn guide(
-        &mut self,
-        mean: &mut [f32],
-        x0: &Tensor,
-        sigma: &[f32],
-        per: usize,
-    ) -> Result<Vec<(usize, Error)>> {
-        let mut by_guide: Vec<(Arc<RegisteredGuide>, Vec<GuidedRow>)> = Vec::new();
-        for (b, s) in self.seqs.iter().enumerate() {
-            let r = self.running[s.run].as_ref().expect("live run");
-            if !r.job.guidance.active(s.index) {
-                continue;
-            }
-            for c in &r.job.controls {
-                match by_guide.iter_mut().find(|(g, _)| Arc::ptr_eq(g, &c.guide)) {
-                    Some((_, rows)) => rows.push((b, c.targets.clone(), c.weight)),
-                    None => by_guide
-                        .push((Arc::clone(&c.guide), vec![(b, c.targets.clone(), c.weight)])),
-                }
-            }
-        }
-        let started = Instant::now();
-        self.drop_satisfied(&mut by_guide, x0, per)?;
-        if by_guide.is_empty() {
-            return Ok(Vec::new());
-        }
-        let original = mean.to_vec();
-        let mut adagrad = vec![0f32; mean.len()];
-        let rows_guided: std::collections::BTreeSet<usize> = by_guide
-            .iter()
-            .flat_map(|(_, rows)| rows.iter().map(|r| r.0))
-            .collect();
-        // The guide sees the latents at the level they move to: step index − 1 in training units.
-        let t_of = |b: usize| -> i64 {
-            let s = &self.seqs[b];
-            let r = self.running[s.run].as_ref().expect("live run");
-            r.schedule.timesteps[s.index.saturating_sub(1)] as i64
-        };
-        let config_of = |b: usize| {
-            self.running[self.seqs[b].run]
-                .as_ref()
-                .expect("live run")
-                .job
-                .guidance
-        };
-        let k_max = rows_guided
-            .iter()
-            .map(|&b| config_of(b).steps_per_diffusion_step)
-            .max()
-            .unwrap_or(0);
-        let mut failed_guides: Vec<(Arc<RegisteredGuide>, Error)> = Vec::new();
-        for k in 0..k_max {
-            let mut grad_sum = vec![0f32; mean.len()];
-            let calls: Vec<_> = by_guide
-                .iter()
-                .filter(|(g, _)| !failed_guides.iter().any(|(f, _)| Arc::ptr_eq(f, g)))
-                .map(|(g, rows)| {
-                    let mut lat = Vec::with_capacity(rows.len() * per);
-                    let mut ts = Vec::with_capacity(rows.len());
-                    let mut tg = Vec::new();
-                    for (b, targets, _) in rows {
-                        lat.extend_from_slice(&mean[b * per..(b + 1) * per]);
-                        ts.push(t_of(*b));
-                        tg.extend_from_slice(targets);
-                    }
-                    let handle = self.call_guide(g, lat, ts, tg);
-                    (Arc::clone(g), rows.clone(), handle)
-                })
-                .collect();
-            for (g, rows, handle) in calls {
-                let result = self
-                    .rt
-                    .block_on(handle)
-                    .map_err(|e| Error::Internal(e.to_string()))
-                    .and_then(|r| r);
-                match result {
-                    Ok((_, grad)) => {
-                        for (j, (b, _, w)) in rows.iter().enumerate() {
-                            for i in 0..per {
-                                grad_sum[b * per + i] += w * grad[j * per + i];
-                            }
-                        }
-                    }
-                    Err(e) => failed_guides.push((g, e)),
-                }
-            }
-            for &b in &rows_guided {
-                let c = config_of(b);
-                if k >= c.steps_per_diffusion_step {
-                    continue;
-                }
-                let range = b * per..(b + 1) * per;
-                guidance::update(
-                    &c,
-                    &mut mean[range.clone()],
-                    &grad_sum[range.clone()],
-                    &original[range.clone()],
-                    sigma[b],
-                    &mut adagrad[range],
-                );
-            }
-        }
-        let ms = started.elapsed().as_secs_f64() * 1e3;
-        let runs: std::collections::BTreeSet<usize> =
-            rows_guided.iter().map(|&b| self.seqs[b].run).collect();
-        for r in &runs {
-            if let Some(r) = self.running[*r].as_mut() {
-                r.guidance_ms += ms;
-            }
-        }
-        // Requests that depend on a guide that failed get UNAVAILABLE; the rest go on.
-        let mut victims: Vec<(usize, Error)> = Vec::new();
-        for (g, e) in failed_guides {
-            let runs: std::collections::BTreeSet<usize> = self
-                .seqs
-                .iter()
-                .filter(|s| {
-                    self.running[s.run]
-                        .as_ref()
-                        .is_some_and(|r| r.job.controls.iter().any(|c| Arc::ptr_eq(&c.guide, &g)))
-                })
-                .map(|s| s.run)
-                .collect();
-            tracing::warn!(guide = %g.name, error = %e, requests = runs.len(), "guide failed");
-            victims.extend(
-                runs.into_iter()
-                    .map(|r| (r, Error::Unavailable(e.to_string()))),
-            );
-        }
-        Ok(victims)
-    }
-
-    /// Rewrites the fixed positions (length, infilling) of the new latents: the known word's
-    /// embedding, noised to the level the latents are now at.
-    fn rewrite_fixed(&self, x_next: &Tensor, noise: &Tensor) -> Result<Tensor> {
-        if self.seqs.iter().all(|s| {
-            self.running[s.run]
-                .as_ref()
-                .is_none_or(|r| r.job.fixed.iter().all(Option::is_none))
-        }) {
-            return Ok(x_next.clone());
-        }
-        let cfg = &self.model.model.config;
-        let (l, d) = (cfg.seq_len, cfg.embed_dim);
-        let emb = self.model.model.embedding().to_vec2::<f32>()?;
-        let mut data = x_next.flatten_all()?.to_vec1::<f32>()?;
-        let noise = noise.flatten_all()?.to_vec1::<f32>()?;
-        for (b, s) in self.seqs.iter().enumerate() {
-            let Some(r) = self.running[s.run].as_ref() else {
-                continue;
-            };
-            let abar = r.schedule.alphas_cumprod_prev[s.index];
-            let (a, c) = (abar.sqrt() as f32, (1.0 - abar).sqrt() as f32);
-            for (pos, fixed) in r.job.fixed.iter().enumerate().take(l) {
-                if let Some(id) = fixed {
-                    let off = (b * l + pos) * d;
-                    for j in 0..d {
-                        data[off + j] = a * emb[*id as usize][j] + c * noise[off + j];
-                    }
-                }
-            }
-        }
-        Ok(Tensor::from_vec(
-            data,
-            (self.seqs.len(), l, d),
-            x_next.device(),
-        )?)
-    }
-
-    fn progress(&self, x0: &Tensor) -> Result<()> {
-        for (i, r) in self.running.iter().enumerate() {
-            let Some(r) = r else { continue };
             let Some(k) = r.job.progress_every.filter(|&k| k > 0) else {
                 continue;
             };
-            let rows: Vec<(usize, usize)> = self
-                .seqs
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| s.run == i)
-                .map(|(b, s)| (b, s.index))
-                .collect();
-            let Some(&(_, index)) = rows.first() else {
-                continue;
-            };
-            let done = r.schedule.len() - index;
-            if done % k != 0 || index == 0 {
+            let rows: Vec<&Seq> = self.seqs.iter().filter(|s| s.run == id).collect();
+            if rows.is_empty() || rows.iter().any(|s| s.pending.is_some()) {
                 continue;
             }
+            let index = rows[0].index;
+            let done = r.schedule.len() - index;
+            if !done.is_multiple_of(k) || index == 0 || r.last_progress == Some(index) {
+                continue;
+            }
+            let cfg = &self.model.model.config;
             let mut texts = Vec::new();
-            for (b, _) in &rows {
-                let ids = self.model.model.round(&x0.narrow(0, *b, 1)?)?;
+            for s in &rows {
+                let x0 = Tensor::from_vec(
+                    s.prev.clone(),
+                    (1, cfg.seq_len, cfg.embed_dim),
+                    self.model.model.device(),
+                )?;
+                let ids = self.model.model.round(&x0)?;
                 texts.push(self.model.tokenizer.decode(&ids[0]));
             }
             let _ = r.events.send(Event::Progress {
@@ -677,78 +643,30 @@ impl Engine {
                 total: r.schedule.len(),
                 texts,
             });
+            if let Some(r) = self.running.get_mut(&id) {
+                r.last_progress = Some(index);
+            }
         }
         Ok(())
     }
 
-    /// Each finished row's final log p(c | x0) per control (in control order; None where its guide
-    /// failed, which does not fail the request): one call per guide for all rows, at t = 0.
-    fn final_scores(
-        &self,
-        rows: &[usize],
-        x_final: &Tensor,
-    ) -> Result<Vec<Vec<Option<(String, f32)>>>> {
-        let cfg = &self.model.model.config;
-        let per = cfg.seq_len * cfg.embed_dim;
-        let mut scores: Vec<Vec<Option<(String, f32)>>> = Vec::with_capacity(rows.len());
-        // (guide, [(row position, control index, targets)])
-        let mut by_guide: Vec<(Arc<RegisteredGuide>, Vec<(usize, usize, &[i64])>)> = Vec::new();
-        for (j, &b) in rows.iter().enumerate() {
-            let controls = self.running[self.seqs[b].run]
-                .as_ref()
-                .map_or(&[][..], |r| &r.job.controls[..]);
-            scores.push(vec![None; controls.len()]);
-            for (k, c) in controls.iter().enumerate() {
-                let entry = (j, k, &c.targets[..]);
-                match by_guide.iter_mut().find(|(g, _)| Arc::ptr_eq(g, &c.guide)) {
-                    Some((_, entries)) => entries.push(entry),
-                    None => by_guide.push((Arc::clone(&c.guide), vec![entry])),
-                }
-            }
-        }
-        if by_guide.is_empty() {
-            return Ok(scores);
-        }
-        let latents = x_final.flatten_all()?.to_vec1::<f32>()?;
-        let calls: Vec<_> = by_guide
-            .iter()
-            .map(|(g, entries)| {
-                let mut lat = Vec::with_capacity(entries.len() * per);
-                let mut targets = Vec::new();
-                for &(j, _, tg) in entries {
-                    let b = rows[j];
-                    lat.extend_from_slice(&latents[b * per..(b + 1) * per]);
-                    targets.extend_from_slice(tg);
-                }
-                let (client, fields, n) = (g.client.clone(), g.fields.len(), entries.len());
-                let dims = (n, cfg.seq_len, cfg.embed_dim);
-                self.rt.spawn(async move {
-                    client
-                        .gradient(&lat, dims, &vec![0; n], &targets, fields)
-                        .await
-                })
-            })
-            .collect();
-        for ((g, entries), call) in by_guide.iter().zip(calls) {
-            match self.rt.block_on(call) {
-                Ok(Ok((log_p, _))) => {
-                    for (&(j, k, _), lp) in entries.iter().zip(log_p) {
-                        scores[j][k] = Some((g.name.clone(), lp));
-                    }
-                }
-                Ok(Err(e)) => tracing::warn!(guide = %g.name, error = %e, "final scoring failed"),
-                Err(e) => tracing::warn!(guide = %g.name, error = %e, "final scoring task failed"),
-            }
-        }
-        Ok(scores)
-    }
-
-    /// Rounds final latents [1, L, D] to words. Fixed positions keep their word; when the request
+    /// Rounds final latents [L·D] to words. Fixed positions keep their word; when the request
     /// fixed the length (an END somewhere), the positions before it take the best real word, so that
     /// an exact-length request always gets exactly that many words.
-    fn round(&self, row: &Tensor, fixed: &[Option<u32>]) -> Result<Vec<u32>> {
+    fn round(&self, x: &[f32], fixed: &[Option<u32>]) -> Result<Vec<u32>> {
         let tok = &self.model.tokenizer;
-        let logits = self.model.model.logits(row)?.squeeze(0)?.to_vec2::<f32>()?;
+        let cfg = &self.model.model.config;
+        let row = Tensor::from_vec(
+            x.to_vec(),
+            (1, cfg.seq_len, cfg.embed_dim),
+            self.model.model.device(),
+        )?;
+        let logits = self
+            .model
+            .model
+            .logits(&row)?
+            .squeeze(0)?
+            .to_vec2::<f32>()?;
         let end = fixed.iter().position(|f| *f == Some(tok.end_id()));
         let special = [tok.pad_id(), tok.unk_id(), tok.start_id(), tok.end_id()];
         Ok(logits
@@ -772,13 +690,13 @@ impl Engine {
     /// The model's reconstruction log p of finished texts whose request ranks candidates, in one
     /// batch; each text's noise comes from its own stream (request seed, slot), so its score does
     /// not depend on what finished beside it.
-    fn score_candidates(&self, finished: &mut [(usize, usize, GeneratedText)]) -> Result<()> {
+    fn score_candidates(&self, finished: &mut [Finished]) -> Result<()> {
         let lm = &self.model.model;
         let l = lm.config.seq_len;
         let ranked: Vec<usize> = (0..finished.len())
             .filter(|&i| {
-                self.running[finished[i].0]
-                    .as_ref()
+                self.running
+                    .get(&finished[i].0)
                     .is_some_and(|r| r.job.best_of > 1)
             })
             .collect();
@@ -794,7 +712,7 @@ impl Engine {
             .iter()
             .map(|&i| {
                 let (run, slot, _) = &finished[i];
-                let seed = self.running[*run].as_ref().expect("ranked run").job.seed;
+                let seed = self.running[run].job.seed;
                 sequence_rng(seed ^ CANDIDATE_SCORE_STREAM, *slot)
             })
             .collect();
@@ -805,54 +723,85 @@ impl Engine {
         Ok(())
     }
 
-    /// Rounds the rows that reached step 0, scores them, and answers the requests now complete.
-    fn finish(&mut self, rows: &[usize], x_final: &Tensor) -> Result<()> {
+    /// Rounds the sequences that reached step 0 and ranks candidates; texts whose request has
+    /// controls get their final scores from a task (grouped by guides, like guidance), the
+    /// others are done now.
+    fn finish(&mut self, ids: &[u64]) -> Result<()> {
         let tok = &self.model.tokenizer;
-        let scores = self.final_scores(rows, x_final)?;
-        let mut finished = Vec::with_capacity(rows.len());
-        for (&b, scores) in rows.iter().zip(scores) {
-            let s = &self.seqs[b];
-            let (run, slot) = (s.run, s.slot);
-            let Some(r) = self.running[run].as_ref() else {
+        let mut finished = Vec::with_capacity(ids.len());
+        let mut latents = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Some(i) = self.seqs.iter().position(|s| s.id == *id) else {
                 continue;
             };
-            let ids = self.round(&x_final.narrow(0, b, 1)?, &r.job.fixed)?;
+            let s = self.seqs.remove(i);
+            let Some(r) = self.running.get(&s.run) else {
+                continue;
+            };
+            let ids = self.round(&s.x, &r.job.fixed)?;
             let tokens: Vec<String> = tok
                 .visible(&ids)
                 .map(|id| tok.id_to_token(id).unwrap_or_default())
                 .collect();
             let text = tok.decode(&ids);
             finished.push((
-                run,
-                slot,
+                s.run,
+                s.slot,
                 GeneratedText {
                     ids,
                     text,
                     tokens,
-                    scores: scores.into_iter().flatten().collect(),
+                    scores: Vec::new(),
                     model_log_prob: None,
                 },
             ));
+            latents.push(s.x);
         }
         self.score_candidates(&mut finished)?;
-        for (run, slot, text) in finished {
-            if let Some(r) = self.running[run].as_mut() {
+        let mut cohorts: Groups<(Finished, Vec<f32>)> = Vec::new();
+        for ((run, slot, text), x) in finished.into_iter().zip(latents) {
+            let r = self
+                .running
+                .get_mut(&run)
+                .expect("a finished row's request");
+            if r.controls.is_empty() {
                 r.results[slot] = Some(text);
-            }
-        }
-        // Answer completed requests and drop their sequences.
-        let mut rows_sorted = rows.to_vec();
-        rows_sorted.sort_unstable_by(|a, b| b.cmp(a));
-        for b in rows_sorted {
-            self.seqs.remove(b);
-        }
-        for i in 0..self.running.len() {
-            let complete = self.running[i].as_ref().is_some_and(|r| r.done());
-            if !complete {
                 continue;
             }
-            let r = self.running[i].take().expect("complete run");
+            push_grouped(&mut cohorts, guide_set(&r.controls), ((run, slot, text), x));
+        }
+        for (_, members) in cohorts {
+            let (mut texts, latents): (Vec<Finished>, Vec<Vec<f32>>) = members.into_iter().unzip();
+            let controls: Vec<Arc<[Control]>> = texts
+                .iter()
+                .map(|(run, _, _)| Arc::clone(&self.running[run].controls))
+                .collect();
+            self.tasks += 1;
+            let (inbox, max_rows) = (self.inbox.clone(), self.options.guide_max_rows);
+            self.rt.spawn(async move {
+                let scores = final_scores(&latents, &controls, max_rows).await;
+                for ((_, _, text), scores) in texts.iter_mut().zip(scores) {
+                    text.scores = scores.into_iter().flatten().collect();
+                }
+                let _ = inbox.send(Inbox::Scored(texts));
+            });
+        }
+        self.answer_complete();
+        Ok(())
+    }
+
+    /// Answers the requests whose every text is done.
+    fn answer_complete(&mut self) {
+        let complete: Vec<u64> = self
+            .running
+            .iter()
+            .filter(|(_, r)| r.results.iter().all(Option::is_some))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in complete {
+            let r = self.running.remove(&id).expect("complete run");
             let now = Instant::now();
+            let started = r.started.unwrap_or(r.submitted);
             let k = r.job.best_of.max(1);
             let mut candidates = r.results.into_iter().map(|x| x.expect("done"));
             let samples = (0..r.job.n)
@@ -867,24 +816,14 @@ impl Engine {
             let generated = Generated {
                 samples,
                 seed: r.job.seed,
-                queue_ms: r.started.duration_since(r.submitted).as_secs_f64() * 1e3,
-                sampling_ms: now.duration_since(r.started).as_secs_f64() * 1e3 - r.guidance_ms,
+                queue_ms: started.duration_since(r.submitted).as_secs_f64() * 1e3,
+                sampling_ms: (now.duration_since(started).as_secs_f64() * 1e3 - r.guidance_ms)
+                    .max(0.0),
                 guidance_ms: r.guidance_ms,
                 total_ms: now.duration_since(r.submitted).as_secs_f64() * 1e3,
             };
-            metrics::counter!("dlm_generator_requests_total", "status" => "ok").increment(1);
+            tracing::debug!(request = id, "done");
             let _ = r.events.send(Event::Done(Ok(generated)));
         }
-        Ok(())
-    }
-}
-
-fn status_label(e: &Error) -> &'static str {
-    match e {
-        Error::InvalidArgument { .. } => "invalid_argument",
-        Error::Unavailable(_) => "unavailable",
-        Error::DeadlineExceeded(_) => "deadline_exceeded",
-        Error::ResourceExhausted(_) => "resource_exhausted",
-        _ => "error",
     }
 }

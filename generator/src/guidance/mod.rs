@@ -1,10 +1,21 @@
 //! Classifier guidance: at each guided diffusion step, a few gradient steps on the proposed latents
 //! x_{t−1} that raise Σ_guides w · log p(c | x_{t−1}) − λ · ‖x_{t−1} − μ‖² / σ (Li et al. 2022, §5),
 //! where μ is the sampler's proposal. Gradients of log p come from the guides (remote, batched).
+//!
+//! - [`guide`]: the `Guide` seam (gradient for a batch of rows, card, readiness).
+//! - [`oip`]: guides on Open Inference Protocol servers; [`local`]: in this process (ONNX Runtime).
+//! - [`registry`]: the guides by name, checked at registration, hot-swappable.
+//! - [`step`]: the per-step guidance loop and the final scoring.
 
-pub mod client;
+pub mod guide;
+pub mod local;
+pub mod oip;
+pub mod registry;
+pub mod step;
 
-pub use client::{GuideClient, GuideRegistry, RegisteredGuide};
+pub use guide::{Guide, RegisteredGuide};
+pub use registry::{GuideRegistry, GuideSpec, ModelSignature};
+pub use step::Control;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GuidanceUpdate {
@@ -53,10 +64,57 @@ impl Default for GuidanceConfig {
     }
 }
 
+/// Documented ranges of the settings (see [`GuidanceConfig::validate`]).
+pub const MAX_STEPS_PER_DIFFUSION_STEP: usize = 50;
+pub const MAX_STEP_SIZE: f32 = 10.0;
+pub const MAX_FLUENCY_WEIGHT: f32 = 1e4;
+/// Largest weight of one control.
+pub const MAX_CONTROL_WEIGHT: f32 = 100.0;
+
 impl GuidanceConfig {
     /// Whether a sequence at step `index` (counting down to 0) is guided.
     pub fn active(&self, index: usize) -> bool {
         index > self.stop_step && self.start_step.is_none_or(|s| index <= s)
+    }
+
+    /// Checks every setting against its documented range (finite, and small enough that the
+    /// latents stay finite), naming the field at fault.
+    pub fn validate(&self) -> crate::Result<()> {
+        let check = |ok: bool, field: &'static str, range: &str, got: f32| {
+            if ok {
+                Ok(())
+            } else {
+                Err(crate::Error::invalid(
+                    field,
+                    format!("must be in {range}, got {got}"),
+                ))
+            }
+        };
+        check(
+            self.steps_per_diffusion_step <= MAX_STEPS_PER_DIFFUSION_STEP,
+            "guidance.steps_per_diffusion_step",
+            "[0, 50]",
+            self.steps_per_diffusion_step as f32,
+        )?;
+        check(
+            self.step_size.is_finite() && (0.0..=MAX_STEP_SIZE).contains(&self.step_size),
+            "guidance.step_size",
+            "[0, 10]",
+            self.step_size,
+        )?;
+        check(
+            self.fluency_weight.is_finite()
+                && (0.0..=MAX_FLUENCY_WEIGHT).contains(&self.fluency_weight),
+            "guidance.fluency_weight",
+            "[0, 10000]",
+            self.fluency_weight,
+        )?;
+        check(
+            self.satisfied_prob > 0.0 && self.satisfied_prob <= 1.0,
+            "guidance.satisfied_prob",
+            "(0, 1]",
+            self.satisfied_prob,
+        )
     }
 
     /// Whether a guide that gives a text's x0 estimate `log_p` = log p(c | x̂0) leaves it alone.

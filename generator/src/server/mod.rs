@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 
 use crate::diffusion::SamplerKind;
 use crate::engine::{Control, EngineHandle, Event, Generated, Job};
-use crate::guidance::{GuidanceConfig, GuidanceUpdate, GuideRegistry};
+use crate::guidance::{GuidanceConfig, GuidanceUpdate, GuideRegistry, GuideSpec};
 use crate::model::LoadedModel;
 use crate::{Error, Result};
 
@@ -22,7 +22,18 @@ use crate::{Error, Result};
 pub struct Limits {
     pub max_n: usize,
     pub default_steps: usize,
+    /// Controls in one request (after routing: one per guide a control's targets go to).
+    pub max_controls: usize,
+    /// Targets in one control.
+    pub max_targets: usize,
 }
+
+/// Requests are numbered in arrival order; the number keys logs, the engine and the response.
+static NEXT_REQUEST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// How long before the client's deadline the server answers DEADLINE_EXCEEDED itself, so that its
+/// status reaches the client before the client's own timer (or tonic's) turns it into CANCELLED.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(20);
 
 pub struct GeneratorService {
     model: Arc<LoadedModel>,
@@ -50,7 +61,7 @@ impl GeneratorService {
     }
 
     /// Wire → engine job, every field checked.
-    pub fn job(&self, r: &pb::GenerateRequest, deadline: Option<Instant>) -> Result<Job> {
+    pub fn job(&self, id: u64, r: &pb::GenerateRequest, deadline: Option<Instant>) -> Result<Job> {
         let cfg = &self.model.model.config;
         let tok = &self.model.tokenizer;
         let n = r.n as usize;
@@ -83,23 +94,57 @@ impl GeneratorService {
                 ),
             ));
         }
-        let sampler = match pb::Sampler::try_from(r.sampler).unwrap_or(pb::Sampler::Unspecified) {
-            pb::Sampler::Ddim => SamplerKind::Ddim,
-            _ => SamplerKind::Ddpm,
+        let sampler = match pb::Sampler::try_from(r.sampler) {
+            Ok(pb::Sampler::Ddim) => SamplerKind::Ddim,
+            Ok(pb::Sampler::Ddpm | pb::Sampler::Unspecified) => SamplerKind::Ddpm,
+            Err(_) => {
+                return Err(Error::invalid(
+                    "sampler",
+                    format!(
+                        "unknown value {} (SAMPLER_DDPM = 1, SAMPLER_DDIM = 2)",
+                        r.sampler
+                    ),
+                ))
+            }
         };
+        let lim = &self.limits;
+        if r.controls.len() > lim.max_controls {
+            return Err(Error::invalid(
+                "controls",
+                format!(
+                    "{} controls; at most {}",
+                    r.controls.len(),
+                    lim.max_controls
+                ),
+            ));
+        }
         let mut controls = Vec::new();
         for (i, c) in r.controls.iter().enumerate() {
             if c.targets.is_empty() {
                 return Err(Error::invalid(
                     "controls.targets",
-                    format!("controls[{i}] (guide `{}`) has no targets", c.guide),
+                    format!(
+                        "controls[{i}] (guide `{}`) has no targets",
+                        dlm_proto::guide_contract::clip(&c.guide, 64)
+                    ),
+                ));
+            }
+            if c.targets.len() > lim.max_targets {
+                return Err(Error::invalid(
+                    "controls.targets",
+                    format!(
+                        "controls[{i}] has {} targets; at most {}",
+                        c.targets.len(),
+                        lim.max_targets
+                    ),
                 ));
             }
             let weight = c.weight.unwrap_or(1.0);
-            if !weight.is_finite() || weight < 0.0 {
+            let max_weight = crate::guidance::MAX_CONTROL_WEIGHT;
+            if !(weight.is_finite() && (0.0..=max_weight).contains(&weight)) {
                 return Err(Error::invalid(
                     "controls.weight",
-                    format!("must be a non-negative number, got {weight}"),
+                    format!("must be in [0, {max_weight}], got {weight}"),
                 ));
             }
             let routed = if c.guide.is_empty() {
@@ -113,6 +158,16 @@ impl GeneratorService {
                     guide,
                     weight,
                 });
+            }
+            if controls.len() > lim.max_controls {
+                return Err(Error::invalid(
+                    "controls",
+                    format!(
+                        "the targets go to {} guides; at most {} controls",
+                        controls.len(),
+                        lim.max_controls
+                    ),
+                ));
             }
         }
         // Canvas: START w1..wK END PAD…; length and infilling fix positions.
@@ -174,38 +229,29 @@ impl GeneratorService {
                 .map(|v| v as usize)
                 .unwrap_or(d.steps_per_diffusion_step),
             step_size: g.step_size.unwrap_or(d.step_size),
-            update: match pb::GuidanceUpdate::try_from(g.update)
-                .unwrap_or(pb::GuidanceUpdate::Unspecified)
-            {
-                pb::GuidanceUpdate::Sign => GuidanceUpdate::Sign,
-                pb::GuidanceUpdate::Adagrad => GuidanceUpdate::Adagrad,
-                pb::GuidanceUpdate::Normalized => GuidanceUpdate::Normalized,
-                pb::GuidanceUpdate::Unspecified => d.update,
+            update: match pb::GuidanceUpdate::try_from(g.update) {
+                Ok(pb::GuidanceUpdate::Sign) => GuidanceUpdate::Sign,
+                Ok(pb::GuidanceUpdate::Adagrad) => GuidanceUpdate::Adagrad,
+                Ok(pb::GuidanceUpdate::Normalized) => GuidanceUpdate::Normalized,
+                Ok(pb::GuidanceUpdate::Unspecified) => d.update,
+                Err(_) => {
+                    return Err(Error::invalid(
+                        "guidance.update",
+                        format!(
+                            "unknown value {} (ADAGRAD = 1, SIGN = 2, NORMALIZED = 3)",
+                            g.update
+                        ),
+                    ))
+                }
             },
             fluency_weight: g.fluency_weight.unwrap_or(d.fluency_weight),
             start_step: g.start_step.map(|v| v as usize),
             stop_step: g.stop_step.map(|v| v as usize).unwrap_or(d.stop_step),
             satisfied_prob: g.satisfied_prob.unwrap_or(d.satisfied_prob),
         };
-        if !(guidance.satisfied_prob > 0.0 && guidance.satisfied_prob <= 1.0) {
-            return Err(Error::invalid(
-                "guidance.satisfied_prob",
-                "must be in (0, 1]",
-            ));
-        }
-        if guidance.steps_per_diffusion_step > 50 {
-            return Err(Error::invalid(
-                "guidance.steps_per_diffusion_step",
-                "at most 50",
-            ));
-        }
-        if !(guidance.step_size.is_finite() && guidance.step_size >= 0.0) {
-            return Err(Error::invalid(
-                "guidance.step_size",
-                "must be a non-negative number",
-            ));
-        }
+        guidance.validate()?;
         Ok(Job {
+            id,
             n,
             best_of,
             steps,
@@ -221,24 +267,55 @@ impl GeneratorService {
     }
 }
 
+/// The client's deadline (`grpc-timeout`), less [`DEADLINE_MARGIN`]; None when absent, malformed
+/// or beyond what the clock can represent (no deadline then).
 fn deadline_of<T>(req: &Request<T>) -> Option<Instant> {
     let header = req.metadata().get("grpc-timeout")?.to_str().ok()?;
     let (value, unit) = header.split_at(header.len().checked_sub(1)?);
     let v: u64 = value.parse().ok()?;
     let d = match unit {
-        "H" => Duration::from_secs(v * 3600),
-        "M" => Duration::from_secs(v * 60),
+        "H" => Duration::from_secs(v.checked_mul(3600)?),
+        "M" => Duration::from_secs(v.checked_mul(60)?),
         "S" => Duration::from_secs(v),
         "m" => Duration::from_millis(v),
         "u" => Duration::from_micros(v),
         "n" => Duration::from_nanos(v),
         _ => return None,
     };
-    Some(Instant::now() + d)
+    Instant::now()
+        .checked_add(d)
+        .map(|t| t.checked_sub(DEADLINE_MARGIN).unwrap_or(t))
 }
 
-fn to_wire(g: Generated) -> pb::GenerateResponse {
+/// Counts a finished call under its outcome (the status label of the one error table).
+fn count(result: &Result<Generated>) {
+    let status = match result {
+        Ok(_) => "ok",
+        Err(e) => e.code_and_label().1,
+    };
+    metrics::counter!("dlm_generator_requests_total", "status" => status).increment(1);
+}
+
+/// Waits for the job's answer, or answers DEADLINE_EXCEEDED at the deadline itself.
+async fn answer(
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<Event>,
+    deadline: Option<Instant>,
+) -> Option<Event> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d.into(), events.recv())
+            .await
+            .unwrap_or_else(|_| {
+                Some(Event::Done(Err(Error::DeadlineExceeded(
+                    "deadline exceeded before the texts were done".into(),
+                ))))
+            }),
+        None => events.recv().await,
+    }
+}
+
+fn to_wire(id: u64, g: Generated) -> pb::GenerateResponse {
     pb::GenerateResponse {
+        request_id: id,
         samples: g
             .samples
             .into_iter()
@@ -272,15 +349,34 @@ impl Generator for GeneratorService {
         &self,
         req: Request<pb::GenerateRequest>,
     ) -> std::result::Result<Response<pb::GenerateResponse>, Status> {
+        use tracing::Instrument;
+        let id = NEXT_REQUEST.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let deadline = deadline_of(&req);
-        let job = self.job(req.get_ref(), deadline)?;
-        let mut events = self.engine.submit(job)?;
-        while let Some(event) = events.recv().await {
-            if let Event::Done(result) = event {
-                return Ok(Response::new(to_wire(result?)));
+        async move {
+            let result = async {
+                let job = self.job(id, req.get_ref(), deadline)?;
+                let mut events = self.engine.submit(job)?;
+                loop {
+                    match answer(&mut events, deadline).await {
+                        Some(Event::Done(result)) => return result,
+                        Some(Event::Progress { .. }) => continue,
+                        None => {
+                            return Err(Error::Internal(
+                                "the engine stopped before answering".into(),
+                            ))
+                        }
+                    }
+                }
             }
+            .await;
+            count(&result);
+            if let Err(e) = &result {
+                tracing::info!(error = %e, "request failed");
+            }
+            Ok(Response::new(to_wire(id, result?)))
         }
-        Err(Status::internal("the engine stopped before answering"))
+        .instrument(tracing::info_span!("request", id))
+        .await
     }
 
     type GenerateStreamStream = EventStream;
@@ -289,40 +385,60 @@ impl Generator for GeneratorService {
         &self,
         req: Request<pb::GenerateRequest>,
     ) -> std::result::Result<Response<EventStream>, Status> {
+        use tracing::Instrument;
+        let id = NEXT_REQUEST.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let span = tracing::info_span!("request", id);
         let deadline = deadline_of(&req);
         let mut r = req.into_inner();
         r.progress_every.get_or_insert(10);
-        let job = self.job(&r, deadline)?;
-        let mut events = self.engine.submit(job)?;
-        let stream = async_stream(move |tx| async move {
-            while let Some(event) = events.recv().await {
-                let msg = match event {
-                    Event::Progress {
-                        remaining,
-                        total,
-                        texts,
-                    } => Ok(pb::GenerateEvent {
-                        event: Some(pb::generate_event::Event::Progress(pb::Progress {
-                            step: remaining as u32,
-                            total_steps: total as u32,
+        let submitted = self
+            .job(id, &r, deadline)
+            .and_then(|job| self.engine.submit(job));
+        let mut events = match submitted {
+            Ok(events) => events,
+            Err(e) => {
+                let e = Err(e);
+                count(&e);
+                return Err(e.err().expect("an error").into());
+            }
+        };
+        let stream = async_stream(move |tx| {
+            async move {
+                while let Some(event) = answer(&mut events, deadline).await {
+                    let msg = match event {
+                        Event::Progress {
+                            remaining,
+                            total,
                             texts,
-                        })),
-                    }),
-                    Event::Done(Ok(g)) => Ok(pb::GenerateEvent {
-                        event: Some(pb::generate_event::Event::Result(to_wire(g))),
-                    }),
-                    Event::Done(Err(e)) => Err(Status::from(e)),
-                };
-                let last = !matches!(
-                    msg,
-                    Ok(pb::GenerateEvent {
-                        event: Some(pb::generate_event::Event::Progress(_))
-                    })
-                );
-                if tx.send(msg).await.is_err() || last {
-                    break;
+                        } => Ok(pb::GenerateEvent {
+                            event: Some(pb::generate_event::Event::Progress(pb::Progress {
+                                step: remaining as u32,
+                                total_steps: total as u32,
+                                texts,
+                            })),
+                        }),
+                        Event::Done(result) => {
+                            count(&result);
+                            match result {
+                                Ok(g) => Ok(pb::GenerateEvent {
+                                    event: Some(pb::generate_event::Event::Result(to_wire(id, g))),
+                                }),
+                                Err(e) => Err(Status::from(e)),
+                            }
+                        }
+                    };
+                    let last = !matches!(
+                        msg,
+                        Ok(pb::GenerateEvent {
+                            event: Some(pb::generate_event::Event::Progress(_))
+                        })
+                    );
+                    if tx.send(msg).await.is_err() || last {
+                        break;
+                    }
                 }
             }
+            .instrument(span)
         });
         Ok(Response::new(stream))
     }
@@ -367,8 +483,17 @@ impl Generator for GeneratorService {
         if r.name.is_empty() {
             return Err(Error::invalid("name", "is empty").into());
         }
-        let card = (!r.card_json.is_empty()).then_some(r.card_json.as_str());
-        let g = self.guides.register(&r.name, &r.url, card).await?;
+        let card = if r.card_json.is_empty() {
+            None
+        } else {
+            Some(
+                dlm_proto::card::GuideCard::parse(&r.card_json)
+                    .map_err(|e| Error::invalid("card_json", e))?,
+            )
+        };
+        let spec = GuideSpec::Oip { url: r.url, card };
+        let guide = self.guides.connect(&r.name, &spec).await?;
+        let g = self.guides.register(&r.name, guide).await?;
         Ok(Response::new(guide_info(&g)))
     }
 
@@ -384,7 +509,7 @@ impl Generator for GeneratorService {
 fn guide_info(g: &crate::guidance::RegisteredGuide) -> pb::GuideInfo {
     pb::GuideInfo {
         name: g.name.clone(),
-        endpoints: vec![g.client.url.clone()],
+        endpoints: vec![g.guide.endpoint()],
         fields: g
             .fields
             .iter()
@@ -393,7 +518,7 @@ fn guide_info(g: &crate::guidance::RegisteredGuide) -> pb::GuideInfo {
                 values: v.clone(),
             })
             .collect(),
-        ready: true,
+        ready: g.ready(),
     }
 }
 
@@ -426,6 +551,32 @@ pub async fn serve(
             .await;
     }
     let ready = Arc::clone(&service.ready);
+    // Each registered guide's readiness as its own health service, `guide/<name>`.
+    {
+        let (mut health, guides) = (health.clone(), Arc::clone(&service.guides));
+        tokio::spawn(async move {
+            let mut known = std::collections::HashSet::new();
+            loop {
+                let now: std::collections::HashSet<String> =
+                    guides.list().iter().map(|g| g.name.clone()).collect();
+                for g in guides.list() {
+                    let status = if g.ready() {
+                        ServingStatus::Serving
+                    } else {
+                        ServingStatus::NotServing
+                    };
+                    health
+                        .set_service_status(format!("guide/{}", g.name), status)
+                        .await;
+                }
+                for gone in known.difference(&now) {
+                    health.clear_service_status(&format!("guide/{gone}")).await;
+                }
+                known = now;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+    }
     let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
     tokio::spawn(async move {
         match startup.await {
