@@ -30,6 +30,8 @@ pub enum Error {
     NotFound(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("checkpoint: {0}")]
     Checkpoint(String),
     #[error("tokenizer: {0}")]
@@ -78,6 +80,7 @@ impl Error {
             Error::DeadlineExceeded(_) => (Code::DeadlineExceeded, "deadline_exceeded"),
             Error::NotFound(_) => (Code::NotFound, "not_found"),
             Error::FailedPrecondition(_) => (Code::FailedPrecondition, "failed_precondition"),
+            Error::PermissionDenied(_) => (Code::PermissionDenied, "permission_denied"),
             Error::Io { .. }
             | Error::Csv { .. }
             | Error::Format { .. }

@@ -139,8 +139,8 @@ impl GuidanceArgs {
 
 #[derive(Args)]
 struct EvalControlArgs {
-    #[arg(long, env = "DLM_ENDPOINT", default_value = "http://127.0.0.1:8000")]
-    endpoint: String,
+    #[command(flatten)]
+    endpoint: GeneratorEndpoint,
     /// The guide that steers every target (default: each target's field decides, as in `generate`).
     #[arg(long, env = "DLM_GUIDE", default_value = "")]
     guide: String,
@@ -187,9 +187,28 @@ struct ServeArgs {
     host: std::net::IpAddr,
     #[arg(long, env = "DLM_PORT", default_value_t = 8000)]
     port: u16,
+    /// Prometheus metrics listen address (its own flag: metrics need not face the gRPC network).
+    #[arg(long, env = "DLM_METRICS_HOST", default_value = "127.0.0.1")]
+    metrics_host: std::net::IpAddr,
     /// Prometheus metrics port (0 = off).
     #[arg(long, env = "DLM_METRICS_PORT", default_value_t = 9090)]
     metrics_port: u16,
+    /// Hosts SetGuide may register guides on, as HOST or HOST:PORT (repeat, or comma-separate);
+    /// anything else is PERMISSION_DENIED before any connection. Default: the hosts of the
+    /// --guide flags, and loopback.
+    #[arg(long = "guide-allow", env = "DLM_GUIDE_ALLOW", value_delimiter = ',')]
+    guide_allow: Vec<String>,
+    /// CA certificate (PEM) that https:// guides' certificates must chain to.
+    #[arg(long, env = "DLM_GUIDE_TLS_CA")]
+    guide_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) shown to guides that require one (mutual TLS); needs --guide-tls-key.
+    #[arg(long, env = "DLM_GUIDE_TLS_CERT", requires = "guide_tls_key")]
+    guide_tls_cert: Option<PathBuf>,
+    /// The private key of --guide-tls-cert (PEM).
+    #[arg(long, env = "DLM_GUIDE_TLS_KEY", requires = "guide_tls_cert")]
+    guide_tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    security: dlm_proto::security::ServerSecurity,
     /// Sequences in one denoiser batch.
     #[arg(long, env = "DLM_MAX_BATCH", default_value_t = 64)]
     max_batch: usize,
@@ -225,11 +244,65 @@ struct ServeArgs {
     guide_wait_s: u64,
 }
 
+/// Where a client command finds the generator, and how it talks TLS to it.
+#[derive(Args)]
+struct GeneratorEndpoint {
+    /// The generator's gRPC endpoint (https:// for a generator serving TLS).
+    #[arg(
+        long = "endpoint",
+        env = "DLM_ENDPOINT",
+        default_value = "http://127.0.0.1:8000"
+    )]
+    url: String,
+    /// CA certificate (PEM) the generator's certificate must chain to (https:// endpoints).
+    #[arg(long, env = "DLM_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a generator that requires one; needs --tls-client-key.
+    #[arg(long, env = "DLM_TLS_CLIENT_CERT", requires = "tls_client_key")]
+    tls_client_cert: Option<PathBuf>,
+    /// The private key of --tls-client-cert (PEM).
+    #[arg(long, env = "DLM_TLS_CLIENT_KEY", requires = "tls_client_cert")]
+    tls_client_key: Option<PathBuf>,
+}
+
+impl GeneratorEndpoint {
+    fn endpoint(&self) -> anyhow::Result<tonic::transport::Endpoint> {
+        let e = tonic::transport::Endpoint::from_shared(self.url.clone())
+            .with_context(|| format!("invalid argument `endpoint`: {}", self.url))?;
+        Ok(match &self.tls_ca {
+            Some(ca) => e.tls_config(
+                dlm_proto::security::client_tls(
+                    ca,
+                    self.tls_client_cert
+                        .as_deref()
+                        .zip(self.tls_client_key.as_deref()),
+                )
+                .map_err(anyhow::Error::msg)?,
+            )?,
+            None => e,
+        })
+    }
+
+    async fn client(
+        &self,
+    ) -> anyhow::Result<
+        dlm_proto::dlm::v1::generator_client::GeneratorClient<tonic::transport::Channel>,
+    > {
+        let channel = self
+            .endpoint()?
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {}", self.url))?;
+        Ok(dlm_proto::dlm::v1::generator_client::GeneratorClient::new(
+            channel,
+        ))
+    }
+}
+
 #[derive(Args)]
 struct GenerateArgs {
-    /// The generator's gRPC endpoint.
-    #[arg(long, env = "DLM_ENDPOINT", default_value = "http://127.0.0.1:8000")]
-    endpoint: String,
+    #[command(flatten)]
+    endpoint: GeneratorEndpoint,
     /// Wanted attribute value, field=value (repeat for more).
     #[arg(long = "control", env = "DLM_CONTROLS", value_delimiter = ',')]
     controls: Vec<String>,
@@ -815,6 +888,7 @@ fn eval_fluency(args: EvalArgs) -> anyhow::Result<()> {
 }
 
 fn serve(args: ServeArgs, device: &Device) -> anyhow::Result<()> {
+    use dlm_generator::guidance::registry::AllowedTarget;
     use dlm_generator::guidance::{GuideRegistry, ModelSignature};
     use std::sync::Arc;
     let loaded = Arc::new(
@@ -831,10 +905,41 @@ fn serve(args: ServeArgs, device: &Device) -> anyhow::Result<()> {
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        let registry = Arc::new(GuideRegistry::new(
-            signature,
-            std::time::Duration::from_millis(args.guide_timeout_ms),
-        ));
+        let guide_tls = match &args.guide_tls_ca {
+            Some(ca) => Some(
+                dlm_proto::security::client_tls(
+                    ca,
+                    args.guide_tls_cert
+                        .as_deref()
+                        .zip(args.guide_tls_key.as_deref()),
+                )
+                .map_err(anyhow::Error::msg)?,
+            ),
+            None => None,
+        };
+        let mut allowed = Vec::new();
+        for spec in &args.guide_allow {
+            allowed.push(AllowedTarget::parse(spec)?);
+        }
+        if args.guide_allow.is_empty() {
+            allowed = dlm_generator::guidance::registry::loopback();
+            for spec in &args.guides {
+                let url = spec.split_once('=').map_or("", |(_, u)| u);
+                if let Ok((host, _)) = dlm_generator::guidance::oip::host_port(url) {
+                    allowed.push(AllowedTarget { host, port: None });
+                }
+            }
+        }
+        let registry = Arc::new(
+            GuideRegistry::new(
+                signature,
+                std::time::Duration::from_millis(args.guide_timeout_ms),
+            )
+            .with_tls(guide_tls)
+            .with_allowed(allowed),
+        );
+        let admin = args.security.admin_token().map_err(anyhow::Error::msg)?;
+        let server_tls = args.security.server_tls().map_err(anyhow::Error::msg)?;
         // Guides are parsed now (a bad flag fails at once) and registered while the port is
         // already open but NOT_SERVING: in a cluster a guide may start after the generator.
         let mut specs = Vec::new();
@@ -868,7 +973,10 @@ fn serve(args: ServeArgs, device: &Device) -> anyhow::Result<()> {
         };
         if args.metrics_port != 0 {
             metrics_exporter_prometheus::PrometheusBuilder::new()
-                .with_http_listener(std::net::SocketAddr::new(args.host, args.metrics_port))
+                .with_http_listener(std::net::SocketAddr::new(
+                    args.metrics_host,
+                    args.metrics_port,
+                ))
                 .install()?;
         }
         let engine = dlm_generator::engine::start(
@@ -890,10 +998,12 @@ fn serve(args: ServeArgs, device: &Device) -> anyhow::Result<()> {
                 max_controls: args.max_controls,
                 max_targets: args.max_targets,
             },
-        );
+        )
+        .with_admin(admin);
         dlm_generator::server::serve(
             service,
             std::net::SocketAddr::new(args.host, args.port),
+            server_tls,
             startup,
             shutdown_signal(),
         )
@@ -912,14 +1022,15 @@ async fn shutdown_signal() {
 }
 
 /// Polls the standard gRPC health check at `endpoint` until it reports SERVING.
-async fn wait_serving(endpoint: &str, wait: std::time::Duration) -> anyhow::Result<()> {
+async fn wait_serving(
+    endpoint: &GeneratorEndpoint,
+    wait: std::time::Duration,
+) -> anyhow::Result<()> {
     use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient};
     let deadline = tokio::time::Instant::now() + wait;
     let mut last;
     loop {
-        let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())?
-            .connect()
-            .await;
+        let channel = endpoint.endpoint()?.connect().await;
         match channel {
             Ok(channel) => {
                 let check = HealthClient::new(channel)
@@ -935,7 +1046,8 @@ async fn wait_serving(endpoint: &str, wait: std::time::Duration) -> anyhow::Resu
         }
         anyhow::ensure!(
             tokio::time::Instant::now() < deadline,
-            "{endpoint} did not report SERVING within {} s (last: {last})",
+            "{} did not report SERVING within {} s (last: {last})",
+            endpoint.url,
             wait.as_secs()
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
@@ -949,9 +1061,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         if args.wait_s > 0 {
             wait_serving(&args.endpoint, std::time::Duration::from_secs(args.wait_s)).await?;
         }
-        let mut client = pb::generator_client::GeneratorClient::connect(args.endpoint.clone())
-            .await
-            .with_context(|| format!("connecting to {}", args.endpoint))?;
+        let mut client = args.endpoint.client().await?;
         let controls = if args.controls.is_empty() {
             vec![]
         } else {
@@ -1014,7 +1124,7 @@ fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
     }
     let rt = tokio::runtime::Runtime::new()?;
     let results: Vec<(String, String, Vec<String>, Vec<String>)> = rt.block_on(async {
-        let client = pb::generator_client::GeneratorClient::connect(args.endpoint.clone()).await?;
+        let client = args.endpoint.client().await?;
         let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
         let progress = indicatif::ProgressBar::new(targets.len() as u64);
         let mut tasks = Vec::new();

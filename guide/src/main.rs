@@ -44,6 +44,9 @@ struct ServeArgs {
     /// gRPC port (Open Inference Protocol, guide cards, health, reflection).
     #[arg(long, env = "DLM_PORT", default_value_t = 8001)]
     port: u16,
+    /// Prometheus metrics listen address (its own flag: metrics need not face the gRPC network).
+    #[arg(long, env = "DLM_METRICS_HOST", default_value = "127.0.0.1")]
+    metrics_host: std::net::IpAddr,
     /// Prometheus metrics port (0 = off).
     #[arg(long, env = "DLM_METRICS_PORT", default_value_t = 9091)]
     metrics_port: u16,
@@ -75,6 +78,8 @@ struct ServeArgs {
     /// The ONNX Runtime shared library (else ORT_DYLIB_PATH, else the `deploy/setup.sh` location).
     #[arg(long, env = "DLM_ORT_LIBRARY")]
     ort_library: Option<PathBuf>,
+    #[command(flatten)]
+    security: dlm_proto::security::ServerSecurity,
 }
 
 fn main() {
@@ -97,6 +102,8 @@ fn main() {
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     runtime::init(args.ort_library.as_deref())?;
+    let admin = args.security.admin_token().map_err(anyhow::Error::msg)?;
+    let tls = args.security.server_tls().map_err(anyhow::Error::msg)?;
     let options = RepositoryOptions {
         keep_versions: args.keep_versions,
         session: SessionOptions {
@@ -115,15 +122,19 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     rt.block_on(async move {
         if args.metrics_port != 0 {
             metrics_exporter_prometheus::PrometheusBuilder::new()
-                .with_http_listener(SocketAddr::new(args.host, args.metrics_port))
+                .with_http_listener(SocketAddr::new(args.metrics_host, args.metrics_port))
                 .install()?;
         }
         let poll = (args.poll_ms > 0).then(|| Duration::from_millis(args.poll_ms));
         dlm_guide::server::serve(
             repo,
             SocketAddr::new(args.host, args.port),
-            poll,
-            args.max_rows,
+            dlm_guide::server::ServeOptions {
+                poll_interval: poll,
+                max_rows: args.max_rows,
+                admin,
+                tls,
+            },
             shutdown_signal(),
         )
         .await

@@ -57,7 +57,27 @@ pub struct IndexEntry {
     pub reason: String,
 }
 
-fn versions_on_disk(model_dir: &Path) -> BTreeMap<u64, PathBuf> {
+/// A model name is a plain name: `[A-Za-z0-9_.-]+`, not `.` or `..` (it becomes a path).
+pub fn check_model_name(name: &str) -> Result<()> {
+    let plain = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        && name != "."
+        && name != "..";
+    if plain {
+        Ok(())
+    } else {
+        Err(GuideError::invalid(format!(
+            "model_name `{}` is not a plain name ([A-Za-z0-9_.-], not `.` or `..`)",
+            dlm_proto::guide_contract::clip(name, 64)
+        )))
+    }
+}
+
+/// The versions of a model whose files, links resolved, lie inside `root`.
+fn versions_on_disk(root: &Path, model_dir: &Path) -> BTreeMap<u64, PathBuf> {
     let Ok(entries) = std::fs::read_dir(model_dir) else {
         return BTreeMap::new();
     };
@@ -66,7 +86,12 @@ fn versions_on_disk(model_dir: &Path) -> BTreeMap<u64, PathBuf> {
         .filter_map(|e| {
             let version: u64 = e.file_name().to_str()?.parse().ok()?;
             let file = e.path().join(MODEL_FILE);
-            file.is_file().then_some((version, file))
+            let inside = file.canonicalize().ok()?.starts_with(root);
+            if !inside {
+                tracing::warn!(model = %file.strip_prefix(root).unwrap_or(&file).display(),
+                    "ignored: resolves outside the repository");
+            }
+            (file.is_file() && inside).then_some((version, file))
         })
         .collect()
 }
@@ -97,8 +122,11 @@ impl Repository {
                 dir.display()
             )));
         }
+        let dir = dir.canonicalize().map_err(|e| {
+            GuideError::FailedPrecondition(format!("model repository {}: {e}", dir.display()))
+        })?;
         Ok(Arc::new(Self {
-            dir: dir.to_path_buf(),
+            dir,
             options,
             models: RwLock::new(HashMap::new()),
         }))
@@ -120,12 +148,12 @@ impl Repository {
     /// Brings one model in line with the disk. `explicit` (a load request) also retries versions
     /// that failed before, and reports an error if the newest version cannot be loaded.
     pub fn sync_model(&self, name: &str, explicit: bool) -> Result<()> {
-        let on_disk = versions_on_disk(&self.dir.join(name));
+        check_model_name(name)?;
+        let on_disk = versions_on_disk(&self.dir, &self.dir.join(name));
         if on_disk.is_empty() {
             if explicit {
                 return Err(GuideError::NotFound(format!(
-                    "no versions of model `{name}` in {} (expected {name}/<version>/{MODEL_FILE})",
-                    self.dir.display()
+                    "no versions of model `{name}` in the repository (expected {name}/<version>/{MODEL_FILE})"
                 )));
             }
             self.models.write().unwrap().remove(name);
@@ -170,7 +198,8 @@ impl Repository {
         let mut fresh = Vec::new();
         for (version, path) in to_load {
             let label = format!("{name}/{version}");
-            let checked = GuideSession::load(&path, self.options.session).and_then(|mut session| {
+            let shown = format!("{name}/{version}/{MODEL_FILE}");
+            let checked = GuideSession::load(&path, &shown, self.options.session).and_then(|mut session| {
                 session.canary()?;
                 match &reference {
                     Some((v, card)) if *card != session.card => {
@@ -250,6 +279,7 @@ impl Repository {
     }
 
     pub fn unload(&self, name: &str) -> Result<()> {
+        check_model_name(name)?;
         let mut models = self.models.write().unwrap();
         let state = models
             .get_mut(name)

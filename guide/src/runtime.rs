@@ -120,12 +120,13 @@ fn tensor_spec(outlet: &ort::value::Outlet) -> (Option<TensorElementType>, Vec<i
 }
 
 impl GuideSession {
-    /// Loads `model.onnx` and checks it against the contract and its own card.
-    pub fn load(path: &Path, options: SessionOptions) -> Result<Self> {
+    /// Loads `model.onnx` and checks it against the contract and its own card; errors name the
+    /// model as `shown` (a repository-relative path: no absolute paths reach clients).
+    pub fn load(path: &Path, shown: &str, options: SessionOptions) -> Result<Self> {
         let env = ENVIRONMENT.get().ok_or_else(|| {
             GuideError::FailedPrecondition("ONNX Runtime is not initialised".into())
         })?;
-        let fail = |m: String| GuideError::FailedPrecondition(format!("{}: {m}", path.display()));
+        let fail = |m: String| GuideError::FailedPrecondition(format!("{shown}: {m}"));
         let session = Session::builder(env)?
             .with_intra_threads(options.intra_threads)
             .map_err(|e| fail(e.to_string()))?

@@ -14,6 +14,7 @@ use dlm_proto::inference::*;
 use tonic::{Request, Response, Status};
 
 use dlm_proto::guide_contract::{self as contract, Dims};
+use dlm_proto::security::AdminToken;
 
 use crate::repository::Repository;
 use crate::runtime::{GRAD, LATENTS, LOG_PROB, TARGETS, TIMESTEPS};
@@ -26,12 +27,25 @@ pub struct InferenceService {
     repo: Arc<Repository>,
     /// Most rows one ModelInfer may carry (bounds the memory one call can take).
     max_rows: usize,
+    admin: AdminToken,
 }
 
 impl InferenceService {
-    pub fn new(repo: Arc<Repository>, max_rows: usize) -> Self {
-        Self { repo, max_rows }
+    pub fn new(repo: Arc<Repository>, max_rows: usize, admin: AdminToken) -> Self {
+        Self {
+            repo,
+            max_rows,
+            admin,
+        }
     }
+}
+
+/// How the guide serves: repository polling, per-call limits, admin token, TLS.
+pub struct ServeOptions {
+    pub poll_interval: Option<Duration>,
+    pub max_rows: usize,
+    pub admin: AdminToken,
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 fn tensor_meta(
@@ -172,10 +186,8 @@ impl GrpcInferenceService for InferenceService {
         &self,
         req: Request<RepositoryModelLoadRequest>,
     ) -> std::result::Result<Response<RepositoryModelLoadResponse>, Status> {
+        self.admin.authorize(&req, "RepositoryModelLoad")?;
         let name = req.into_inner().model_name;
-        if name.is_empty() {
-            return Err(GuideError::invalid("model_name is empty").into());
-        }
         let repo = Arc::clone(&self.repo);
         tokio::task::spawn_blocking(move || repo.sync_model(&name, true))
             .await
@@ -187,6 +199,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         req: Request<RepositoryModelUnloadRequest>,
     ) -> std::result::Result<Response<RepositoryModelUnloadResponse>, Status> {
+        self.admin.authorize(&req, "RepositoryModelUnload")?;
         self.repo.unload(&req.into_inner().model_name)?;
         Ok(Response::new(RepositoryModelUnloadResponse {}))
     }
@@ -212,8 +225,7 @@ impl dlm::guide_cards_server::GuideCards for CardService {
 pub async fn serve(
     repo: Arc<Repository>,
     addr: SocketAddr,
-    poll_interval: Option<Duration>,
-    max_rows: usize,
+    options: ServeOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -221,15 +233,18 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(dlm_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let inference =
-        GrpcInferenceServiceServer::new(InferenceService::new(Arc::clone(&repo), max_rows))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let inference = GrpcInferenceServiceServer::new(InferenceService::new(
+        Arc::clone(&repo),
+        options.max_rows,
+        options.admin,
+    ))
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let cards = dlm::guide_cards_server::GuideCardsServer::new(CardService {
         repo: Arc::clone(&repo),
     });
 
-    if let Some(interval) = poll_interval {
+    if let Some(interval) = options.poll_interval {
         repo.spawn_poller(interval);
     }
     // Health follows readiness: SERVING once some model is loaded.
@@ -255,7 +270,11 @@ pub async fn serve(
         }
     });
     tracing::info!(%addr, "dlm-guide serving");
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = options.tls {
+        server = server.tls_config(tls)?;
+    }
+    server
         .add_service(health_service)
         .add_service(reflection)
         .add_service(inference)

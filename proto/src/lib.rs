@@ -4,12 +4,14 @@
 //!   (`dlm/v1/guide.proto`).
 //! - [`inference`]: the Open Inference Protocol (KServe v2) that guides speak.
 //! - [`card`]: the guide card as JSON (`card.json`, ONNX metadata), read by guides and generator.
+//! - [`security`]: admin-call token and TLS flags shared by both servers.
 //! - [`guide_contract`]: the guide tensor contract over OIP — the one encoder and decoder of it.
 //!
 //! The encoded file descriptor set is exported for gRPC reflection.
 
 pub mod card;
 pub mod guide_contract;
+pub mod security;
 
 pub mod dlm {
     pub mod v1 {

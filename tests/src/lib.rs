@@ -102,7 +102,8 @@ impl GuideServer {
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
-    async fn try_start_on(port: u16, repository: &Path, extra: &[&str]) -> Result<Self, String> {
+    /// Starts `dlm-guide serve` on `port` without waiting for it.
+    pub fn spawn_on(port: u16, repository: &Path, extra: &[&str]) -> Self {
         let metrics_port = free_port();
         let child = Command::new(binary("dlm-guide"))
             .args(["serve", "--model-repository"])
@@ -119,11 +120,15 @@ impl GuideServer {
             .stderr(std::process::Stdio::inherit())
             .spawn()
             .expect("dlm-guide starts");
-        let mut server = Self {
+        Self {
             port,
             metrics_port,
             child,
-        };
+        }
+    }
+
+    async fn try_start_on(port: u16, repository: &Path, extra: &[&str]) -> Result<Self, String> {
+        let mut server = Self::spawn_on(port, repository, extra);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         loop {
             if let Ok(mut c) = server.client().await {
@@ -315,4 +320,26 @@ fn signal(pid: u32, which: &str) {
         .status()
         .is_ok_and(|s| s.success());
     assert!(ok, "kill {which} {pid} failed");
+}
+
+/// The admin token the tests' servers are started with (`--admin-token-file`, [`admin_token_file`]).
+pub const ADMIN_TOKEN: &str = "dlm-test-admin-token-6f1c2a";
+
+/// A file holding [`ADMIN_TOKEN`].
+pub fn admin_token_file() -> PathBuf {
+    let path = std::env::temp_dir().join(format!("dlm-test-admin-token-{}", std::process::id()));
+    if !path.exists() {
+        std::fs::write(&path, format!("{ADMIN_TOKEN}\n")).unwrap();
+    }
+    path
+}
+
+/// `msg` as an admin call: metadata `authorization: Bearer <ADMIN_TOKEN>`.
+pub fn admin<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {ADMIN_TOKEN}").parse().unwrap(),
+    );
+    r
 }

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use dlm_proto::dlm::v1 as pb;
-use dlm_tests::{repo_root, run, GeneratorServer, GuideServer};
+use dlm_tests::{admin, admin_token_file, repo_root, run, GeneratorServer, GuideServer};
 use tonic::Code;
 
 const GUIDE: &str = "e2e-semantic";
@@ -18,6 +18,8 @@ async fn stack_with(limit: (&str, &str)) -> (GuideServer, GeneratorServer) {
         format!("{GUIDE}=http://127.0.0.1:{}", guide.port),
         limit.0.into(),
         limit.1.into(),
+        "--admin-token-file".into(),
+        admin_token_file().display().to_string(),
     ])
     .await;
     (guide, generator)
@@ -271,7 +273,7 @@ async fn controls_without_a_guide_go_to_the_guide_that_reads_the_field() {
         ..Default::default()
     };
     client
-        .set_guide(register("e2e-names", "e2e-names"))
+        .set_guide(admin(register("e2e-names", "e2e-names")))
         .await
         .unwrap();
     let routed = |targets: &[&str]| {
@@ -303,7 +305,10 @@ async fn controls_without_a_guide_go_to_the_guide_that_reads_the_field() {
     assert_eq!(guides_scored(resp), [GUIDE]);
 
     // Two guides reading the same fields: the request must say which.
-    client.set_guide(register("twin", GUIDE)).await.unwrap();
+    client
+        .set_guide(admin(register("twin", GUIDE)))
+        .await
+        .unwrap();
     let err = client
         .generate(routed(&["food=Italian"]))
         .await
@@ -452,11 +457,11 @@ async fn guides_swap_under_load_and_a_foreign_guide_is_refused() {
     // Replace the guide (same name, same server) while those run.
     for _ in 0..3 {
         client
-            .set_guide(pb::SetGuideRequest {
+            .set_guide(admin(pb::SetGuideRequest {
                 name: GUIDE.into(),
                 url: format!("http://127.0.0.1:{}", guide.port),
                 ..Default::default()
-            })
+            }))
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -471,21 +476,21 @@ async fn guides_swap_under_load_and_a_foreign_guide_is_refused() {
         .unwrap();
     let url = format!("http://127.0.0.1:{}/{GUIDE}", guide.port);
     client
-        .set_guide(pb::SetGuideRequest {
+        .set_guide(admin(pb::SetGuideRequest {
             name: GUIDE.into(),
             url: url.clone(),
             card_json: card.clone(),
-        })
+        }))
         .await
         .unwrap();
     let mut v: serde_json::Value = serde_json::from_str(&card).unwrap();
     v["embedding_sha256"] = serde_json::json!("0".repeat(64));
     let err = client
-        .set_guide(pb::SetGuideRequest {
+        .set_guide(admin(pb::SetGuideRequest {
             name: "other".into(),
             url,
             card_json: v.to_string(),
-        })
+        }))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
@@ -533,15 +538,21 @@ async fn guides_swap_under_load_and_a_foreign_guide_is_refused() {
         stderr.contains("refused") && stderr.contains("embedding"),
         "{stderr}"
     );
-    let other = GeneratorServer::start(&["--model".into(), model.to_str().unwrap().into()]).await;
+    let other = GeneratorServer::start(&[
+        "--model".into(),
+        model.to_str().unwrap().into(),
+        "--admin-token-file".into(),
+        admin_token_file().display().to_string(),
+    ])
+    .await;
     let err = other
         .client()
         .await
-        .set_guide(pb::SetGuideRequest {
+        .set_guide(admin(pb::SetGuideRequest {
             name: GUIDE.into(),
             url: format!("http://127.0.0.1:{}", guide.port),
             ..Default::default()
-        })
+        }))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
@@ -690,7 +701,7 @@ async fn guide_calls_follow_the_replicas_a_name_resolves_to() {
         async move { set }
     };
     let every = Duration::from_millis(100);
-    let channel = balanced_channel(GUIDE, "http://guides.example:8001", every, resolve)
+    let channel = balanced_channel(GUIDE, "http://guides.example:8001", every, resolve, None)
         .await
         .unwrap();
     let client = OipGuide::new(

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use dlm_proto::dlm::v1 as pb;
-use dlm_tests::{repo_root, GeneratorServer, GuideServer};
+use dlm_tests::{admin, admin_token_file, repo_root, GeneratorServer, GuideServer};
 use tonic::Code;
 
 const GUIDE: &str = "e2e-semantic";
@@ -17,6 +17,8 @@ async fn stack(extra: &[&str]) -> (GuideServer, GeneratorServer) {
         "models/e2e-small".into(),
         "--guide".into(),
         format!("{GUIDE}=http://127.0.0.1:{}", guide.port),
+        "--admin-token-file".into(),
+        admin_token_file().display().to_string(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
     let generator = GeneratorServer::start(&args).await;
@@ -328,11 +330,11 @@ async fn hostile_inputs_get_clear_statuses_and_the_server_stays_up() {
     let mut v: serde_json::Value = serde_json::from_str(&card).unwrap();
     v["embedding_sha256"] = serde_json::Value::String("é".repeat(40));
     let err = client
-        .set_guide(pb::SetGuideRequest {
+        .set_guide(admin(pb::SetGuideRequest {
             name: "odd".into(),
             url: guide.url(),
             card_json: v.to_string(),
-        })
+        }))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
@@ -341,11 +343,11 @@ async fn hostile_inputs_get_clear_statuses_and_the_server_stays_up() {
     // A card with the right hash for a model the server does not have: the registration
     // contacts the server and is refused.
     let err = client
-        .set_guide(pb::SetGuideRequest {
+        .set_guide(admin(pb::SetGuideRequest {
             name: "ghost".into(),
             url: format!("{}/no-such-model", guide.url()),
             card_json: card.clone(),
-        })
+        }))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err}");

@@ -24,10 +24,11 @@ impl LocalGuide {
             Error::FailedPrecondition(format!("in-process guide {}: {e}", path.display()))
         };
         dlm_guide::runtime::init(None).map_err(refuse)?;
-        let mut session = GuideSession::load(path, SessionOptions::default()).map_err(refuse)?;
+        let label = path.display().to_string();
+        let mut session =
+            GuideSession::load(path, &label, SessionOptions::default()).map_err(refuse)?;
         session.canary().map_err(refuse)?;
         let card = session.card.clone();
-        let label = path.display().to_string();
         Ok(Self {
             batcher: Batcher::start(session, BatchOptions::default(), label.clone()),
             path: label,
@@ -53,7 +54,11 @@ impl Guide for LocalGuide {
         Ok(())
     }
 
+    /// The model's last three path parts (model/version/model.onnx): no filesystem layout in
+    /// Describe.
     fn endpoint(&self) -> String {
-        format!("onnx:{}", self.path)
+        let parts: Vec<&str> = self.path.rsplit('/').take(3).collect();
+        let shown: Vec<&str> = parts.into_iter().rev().collect();
+        format!("onnx:{}", shown.join("/"))
     }
 }

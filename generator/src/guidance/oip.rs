@@ -10,7 +10,7 @@ use dlm_proto::dlm::v1::GetCardRequest;
 use dlm_proto::guide_contract::{self as contract, Dims, GuideBatch, GuideOutputs};
 use dlm_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use dlm_proto::inference::ModelReadyRequest;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::guide::Guide;
 use crate::{Error, Result};
@@ -50,6 +50,7 @@ impl OipGuide {
         url: &str,
         card_file: Option<GuideCard>,
         timeout: Duration,
+        tls: Option<&ClientTlsConfig>,
     ) -> Result<Self> {
         let (base, model) = match url.trim_end_matches('/').rsplit_once('/') {
             Some((base, model)) if base.contains("://") && !model.contains(':') => {
@@ -57,7 +58,7 @@ impl OipGuide {
             }
             _ => (url.to_string(), name.to_string()),
         };
-        let channel = resolving_channel(name, &base, RESOLVE_EVERY).await?;
+        let channel = resolving_channel(name, &base, RESOLVE_EVERY, tls).await?;
         Ok(Self {
             card_file,
             ..Self::new(&base, &model, channel, timeout)
@@ -175,16 +176,22 @@ impl Guide for OipGuide {
 const RESOLVE_EVERY: Duration = Duration::from_secs(10);
 
 /// One channel balanced over every address the guide's host resolves to, kept in step with DNS.
-async fn resolving_channel(name: &str, base: &str, every: Duration) -> Result<Channel> {
-    let uri: tonic::codegen::http::Uri = base
-        .parse()
-        .map_err(|e| Error::invalid("guide", format!("bad URL `{base}`: {e}")))?;
-    let host = uri
-        .host()
-        .ok_or_else(|| Error::invalid("guide", format!("no host in `{base}`")))?
-        .trim_matches(['[', ']'])
-        .to_string();
-    let port = uri.port_u16().unwrap_or(80);
+async fn resolving_channel(
+    name: &str,
+    base: &str,
+    every: Duration,
+    tls: Option<&ClientTlsConfig>,
+) -> Result<Channel> {
+    let (host, port) = host_port(base)?;
+    let tls = match (base.starts_with("https://"), tls) {
+        (false, _) => None,
+        (true, Some(tls)) => Some(tls.clone().domain_name(host.clone())),
+        (true, None) => {
+            return Err(Error::FailedPrecondition(format!(
+                "guide `{name}`: an https:// guide needs --guide-tls-ca"
+            )))
+        }
+    };
     let resolve = move || {
         let host = host.clone();
         async move {
@@ -194,7 +201,28 @@ async fn resolving_channel(name: &str, base: &str, every: Duration) -> Result<Ch
                 .unwrap_or_default()
         }
     };
-    balanced_channel(name, base, every, resolve).await
+    balanced_channel(name, base, every, resolve, tls).await
+}
+
+/// The host (brackets trimmed) and port of a guide URL (default 80, 443 for https).
+pub fn host_port(url: &str) -> Result<(String, u16)> {
+    let uri: tonic::codegen::http::Uri = url.parse().map_err(|e| {
+        Error::invalid(
+            "url",
+            format!("bad URL `{}`: {e}", contract::clip(url, 128)),
+        )
+    })?;
+    let host = uri
+        .host()
+        .ok_or_else(|| Error::invalid("url", format!("no host in `{}`", contract::clip(url, 128))))?
+        .trim_matches(['[', ']'])
+        .to_string();
+    let default = if uri.scheme_str() == Some("https") {
+        443
+    } else {
+        80
+    };
+    Ok((host, uri.port_u16().unwrap_or(default)))
 }
 
 /// One channel balanced over the addresses `resolve` returns, asked again every `every` by a
@@ -205,15 +233,24 @@ pub async fn balanced_channel<R, F>(
     base: &str,
     every: Duration,
     resolve: R,
+    tls: Option<ClientTlsConfig>,
 ) -> Result<Channel>
 where
     R: Fn() -> F + Send + 'static,
     F: std::future::Future<Output = std::collections::BTreeSet<std::net::SocketAddr>> + Send,
 {
-    let endpoint = |addr: std::net::SocketAddr| {
-        Endpoint::from_shared(format!("http://{addr}"))
-            .map(|e| e.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true))
-            .map_err(|e| Error::Internal(e.to_string()))
+    let endpoint = move |addr: std::net::SocketAddr| -> Result<Endpoint> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let e = Endpoint::from_shared(format!("{scheme}://{addr}"))
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true);
+        match &tls {
+            Some(tls) => e
+                .tls_config(tls.clone())
+                .map_err(|e| Error::FailedPrecondition(format!("guide TLS: {e}"))),
+            None => Ok(e),
+        }
     };
     let mut current = resolve().await;
     if current.is_empty() {

@@ -65,6 +65,55 @@ pub struct GuideRegistry {
     timeout: Duration,
     /// Most guides registered at once.
     max_guides: usize,
+    /// For https:// guides: the CA to trust, and the client certificate when the guide wants one.
+    tls: Option<tonic::transport::ClientTlsConfig>,
+    /// The hosts (and ports) SetGuide may point at.
+    allowed: Vec<AllowedTarget>,
+}
+
+/// A host SetGuide may register guides on, with or without a port.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AllowedTarget {
+    pub host: String,
+    pub port: Option<u16>,
+}
+
+impl AllowedTarget {
+    /// `HOST` or `HOST:PORT` (IPv6 as `[::1]:8001`).
+    pub fn parse(spec: &str) -> Result<Self> {
+        let (host, port) = match spec.rsplit_once(':') {
+            Some((h, p)) if !h.is_empty() && (!h.contains(':') || h.starts_with('[')) => {
+                let port = p
+                    .parse()
+                    .map_err(|_| Error::invalid("guide-allow", format!("bad port in `{spec}`")))?;
+                (h, Some(port))
+            }
+            _ => (spec, None),
+        };
+        let host = host.trim_matches(['[', ']']).to_ascii_lowercase();
+        if host.is_empty() {
+            return Err(Error::invalid(
+                "guide-allow",
+                format!("no host in `{spec}`"),
+            ));
+        }
+        Ok(Self { host, port })
+    }
+
+    fn admits(&self, host: &str, port: u16) -> bool {
+        self.host == host.to_ascii_lowercase() && self.port.is_none_or(|p| p == port)
+    }
+}
+
+/// Loopback, allowed by default beside the start-up guides' hosts.
+pub fn loopback() -> Vec<AllowedTarget> {
+    ["127.0.0.1", "::1", "localhost"]
+        .into_iter()
+        .map(|h| AllowedTarget {
+            host: h.into(),
+            port: None,
+        })
+        .collect()
 }
 
 /// Default cap on registered guides.
@@ -78,6 +127,40 @@ impl GuideRegistry {
             pending: RwLock::new(Default::default()),
             timeout,
             max_guides: MAX_GUIDES,
+            tls: None,
+            allowed: loopback(),
+        }
+    }
+
+    /// Guide connections to https:// URLs use `tls`.
+    pub fn with_tls(mut self, tls: Option<tonic::transport::ClientTlsConfig>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// SetGuide may point only at `allowed` hosts.
+    pub fn with_allowed(mut self, allowed: Vec<AllowedTarget>) -> Self {
+        self.allowed = allowed;
+        self
+    }
+
+    /// PERMISSION_DENIED unless `url` names an allowed host and port — decided before any
+    /// connection, with one message whatever is (or is not) listening there.
+    pub fn check_allowed(&self, url: &str) -> Result<()> {
+        let refused = || {
+            Error::PermissionDenied(format!(
+                "guide URL `{}` is not an allowed target (the generator's --guide-allow)",
+                dlm_proto::guide_contract::clip(url, 128)
+            ))
+        };
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(refused());
+        }
+        let (host, port) = super::oip::host_port(url).map_err(|_| refused())?;
+        if self.allowed.iter().any(|a| a.admits(&host, port)) {
+            Ok(())
+        } else {
+            Err(refused())
         }
     }
 
@@ -91,9 +174,9 @@ impl GuideRegistry {
     /// The guide a spec names, connected (not yet checked).
     pub async fn connect(&self, name: &str, spec: &GuideSpec) -> Result<Arc<dyn Guide>> {
         Ok(match spec {
-            GuideSpec::Oip { url, card } => {
-                Arc::new(OipGuide::connect(name, url, card.clone(), self.timeout).await?)
-            }
+            GuideSpec::Oip { url, card } => Arc::new(
+                OipGuide::connect(name, url, card.clone(), self.timeout, self.tls.as_ref()).await?,
+            ),
             GuideSpec::Local { path } => Arc::new(super::local::LocalGuide::load(path)?),
         })
     }

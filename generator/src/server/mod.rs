@@ -42,6 +42,7 @@ pub struct GeneratorService {
     limits: Limits,
     /// Set by [`serve`] once the start-up guides are registered.
     ready: Arc<std::sync::atomic::AtomicBool>,
+    admin: dlm_proto::security::AdminToken,
 }
 
 impl GeneratorService {
@@ -57,7 +58,14 @@ impl GeneratorService {
             guides,
             limits,
             ready: Arc::default(),
+            admin: dlm_proto::security::AdminToken::disabled(),
         }
+    }
+
+    /// SetGuide and RemoveGuide need this token (without it they are disabled).
+    pub fn with_admin(mut self, admin: dlm_proto::security::AdminToken) -> Self {
+        self.admin = admin;
+        self
     }
 
     /// Wire → engine job, every field checked.
@@ -449,7 +457,13 @@ impl Generator for GeneratorService {
     ) -> std::result::Result<Response<pb::DescribeResponse>, Status> {
         let cfg = &self.model.model.config;
         let model = pb::ModelInfo {
-            name: self.model.dir.display().to_string(),
+            // The directory's name, not its path: no filesystem layout in public answers.
+            name: self
+                .model
+                .dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             vocab_size: cfg.vocab_size as u32,
             embed_dim: cfg.embed_dim as u32,
             seq_len: cfg.seq_len as u32,
@@ -479,10 +493,12 @@ impl Generator for GeneratorService {
         &self,
         req: Request<pb::SetGuideRequest>,
     ) -> std::result::Result<Response<pb::GuideInfo>, Status> {
+        self.admin.authorize(&req, "SetGuide")?;
         let r = req.into_inner();
         if r.name.is_empty() {
             return Err(Error::invalid("name", "is empty").into());
         }
+        self.guides.check_allowed(&r.url)?;
         let card = if r.card_json.is_empty() {
             None
         } else {
@@ -501,6 +517,7 @@ impl Generator for GeneratorService {
         &self,
         req: Request<pb::RemoveGuideRequest>,
     ) -> std::result::Result<Response<pb::RemoveGuideResponse>, Status> {
+        self.admin.authorize(&req, "RemoveGuide")?;
         self.guides.remove(&req.into_inner().name)?;
         Ok(Response::new(pb::RemoveGuideResponse {}))
     }
@@ -539,6 +556,7 @@ where
 pub async fn serve(
     service: GeneratorService,
     addr: SocketAddr,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     startup: impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -611,7 +629,11 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     tracing::info!(%addr, "dlm-generator serving");
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    server
         .add_service(health_service)
         .add_service(reflection)
         .add_service(GeneratorServer::new(service))
