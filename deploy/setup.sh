@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-time set-up: a Python virtual environment in .venv with ONNX Runtime (dlm-guide loads its
-# shared library from there) and tritonclient. `--train` adds JAX and jax2onnx for guide training.
+# shared library from there) and tritonclient, and .venv-interop with Seldon MLServer (the interop
+# test's third-party OIP server). `--train` adds JAX and jax2onnx for guide training.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
@@ -12,3 +13,10 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 ls .venv/lib/python3.*/site-packages/onnxruntime/capi/libonnxruntime.so* >/dev/null
+# .venv-interop: Seldon MLServer, a third-party OIP server the interop test serves our guide with.
+python3 -m venv .venv-interop
+stamp=".venv-interop/.installed-$(sha256sum deploy/requirements-interop.txt | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  .venv-interop/bin/pip install --quiet --disable-pip-version-check -r deploy/requirements-interop.txt
+  touch "$stamp"
+fi

@@ -14,6 +14,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ],
             &["."],
         )?;
+    // Proto3 JSON (serde) for the generator's public API, for the HTTP/JSON gateway.
+    pbjson_build::Builder::new()
+        .register_descriptors(&std::fs::read(&descriptor)?)?
+        .build(&[".dlm.v1"])?;
     println!("cargo:rerun-if-changed=dlm");
     println!("cargo:rerun-if-changed=inference");
     Ok(())

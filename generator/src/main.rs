@@ -187,6 +187,10 @@ struct ServeArgs {
     host: std::net::IpAddr,
     #[arg(long, env = "DLM_PORT", default_value_t = 8000)]
     port: u16,
+    /// HTTP/JSON API and playground port, on --host (0 = off): POST /v1/generate, GET /v1/describe,
+    /// /healthz, /readyz, /openapi.json, the playground at /.
+    #[arg(long, env = "DLM_HTTP_PORT", default_value_t = 8080)]
+    http_port: u16,
     /// Prometheus metrics listen address (its own flag: metrics need not face the gRPC network).
     #[arg(long, env = "DLM_METRICS_HOST", default_value = "127.0.0.1")]
     metrics_host: std::net::IpAddr,
@@ -1003,6 +1007,7 @@ fn serve(args: ServeArgs, device: &Device) -> anyhow::Result<()> {
         dlm_generator::server::serve(
             service,
             std::net::SocketAddr::new(args.host, args.port),
+            (args.http_port != 0).then(|| std::net::SocketAddr::new(args.host, args.http_port)),
             server_tls,
             startup,
             shutdown_signal(),

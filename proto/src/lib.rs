@@ -16,6 +16,7 @@ pub mod security;
 pub mod dlm {
     pub mod v1 {
         tonic::include_proto!("dlm.v1");
+        include!(concat!(env!("OUT_DIR"), "/dlm.v1.serde.rs"));
     }
 }
 

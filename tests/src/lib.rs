@@ -187,6 +187,8 @@ impl Drop for GuideServer {
 pub struct GeneratorServer {
     pub port: u16,
     pub metrics_port: u16,
+    /// The HTTP/JSON API and playground.
+    pub http_port: u16,
     child: std::process::Child,
 }
 
@@ -203,7 +205,7 @@ impl GeneratorServer {
 
     /// Starts the generator process without waiting for it.
     pub fn spawn(args: &[String]) -> Self {
-        let (port, metrics_port) = (free_port(), free_port());
+        let (port, metrics_port, http_port) = (free_port(), free_port(), free_port());
         let child = Command::new(binary("dlm-generator"))
             .arg("serve")
             .args(args)
@@ -212,6 +214,8 @@ impl GeneratorServer {
                 &port.to_string(),
                 "--metrics-port",
                 &metrics_port.to_string(),
+                "--http-port",
+                &http_port.to_string(),
             ])
             .current_dir(repo_root())
             .stdout(std::process::Stdio::null())
@@ -221,8 +225,30 @@ impl GeneratorServer {
         Self {
             port,
             metrics_port,
+            http_port,
             child,
         }
+    }
+
+    /// One HTTP/1.0 exchange with the HTTP/JSON API: (status, headers and body as text).
+    pub fn http(&self, method: &str, path: &str, headers: &[&str], body: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.http_port)).unwrap();
+        let mut req = format!("{method} {path} HTTP/1.0\r\nHost: localhost\r\n");
+        for h in headers {
+            req.push_str(h);
+            req.push_str("\r\n");
+        }
+        req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let status = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (status, out)
     }
 
     /// The overall gRPC health status, once the port answers.

@@ -1,5 +1,8 @@
 //! The generator's gRPC surface (`dlm.v1.Generator`), health, reflection and metrics. Methods are
 //! thin: they validate and convert wire requests into engine jobs, and engine events into replies.
+//! [`http`] serves the same methods as HTTP/JSON (and the playground page).
+
+pub mod http;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -60,6 +63,11 @@ impl GeneratorService {
             ready: Arc::default(),
             admin: dlm_proto::security::AdminToken::disabled(),
         }
+    }
+
+    /// Whether the start-up guides are registered (gRPC health SERVING, HTTP /readyz 200).
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// SetGuide and RemoveGuide need this token (without it they are disabled).
@@ -556,6 +564,7 @@ where
 pub async fn serve(
     service: GeneratorService,
     addr: SocketAddr,
+    http: Option<SocketAddr>,
     tls: Option<tonic::transport::ServerTlsConfig>,
     startup: impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -613,16 +622,37 @@ pub async fn serve(
         }
     });
     let failure = Arc::new(std::sync::Mutex::new(None));
-    let stop = {
+    // One stop signal for both listeners.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    {
         let failure = Arc::clone(&failure);
-        async move {
+        tokio::spawn(async move {
             tokio::select! {
                 _ = shutdown => {}
                 Ok(e) = failed_rx => {
                     *failure.lock().unwrap() = Some(e);
                 }
             }
+            let _ = stop_tx.send(true);
+        });
+    }
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let service = Arc::new(service);
+    let http_server = match http {
+        Some(http_addr) => {
+            let listener = tokio::net::TcpListener::bind(http_addr).await?;
+            tracing::info!(addr = %http_addr, "HTTP/JSON API and playground serving");
+            let app = http::router(Arc::clone(&service));
+            let stop = stopped(stop_rx.clone());
+            Some(tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stop)
+                    .await
+            }))
         }
+        None => None,
     };
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(dlm_proto::FILE_DESCRIPTOR_SET)
@@ -636,9 +666,12 @@ pub async fn serve(
     server
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(GeneratorServer::new(service))
-        .serve_with_shutdown(addr, stop)
+        .add_service(GeneratorServer::from_arc(service))
+        .serve_with_shutdown(addr, stopped(stop_rx))
         .await?;
+    if let Some(h) = http_server {
+        h.await??;
+    }
     if let Some(e) = failure.lock().unwrap().take() {
         return Err(e);
     }
