@@ -13,6 +13,12 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 ls .venv/lib/python3.*/site-packages/onnxruntime/capi/libonnxruntime.so* >/dev/null
+# The Python client, from the checkout (re-installed when its files change).
+stamp=".venv/.client-$(cat clients/python/pyproject.toml clients/python/dlm/*.py | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  .venv/bin/pip install --quiet --disable-pip-version-check --no-deps ./clients/python
+  touch "$stamp"
+fi
 # .venv-interop: Seldon MLServer, a third-party OIP server the interop test serves our guide with.
 python3 -m venv .venv-interop
 stamp=".venv-interop/.installed-$(sha256sum deploy/requirements-interop.txt | cut -c1-16)"

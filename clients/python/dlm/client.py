@@ -1,0 +1,106 @@
+"""A small synchronous client over the generator's gRPC API."""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Mapping, Optional, Sequence, Union
+
+import grpc
+
+from dlm._proto.dlm.v1 import generator_pb2 as pb
+from dlm._proto.dlm.v1 import generator_pb2_grpc as pb_grpc
+
+Targets = Union[Mapping[str, str], Iterable[str]]
+
+
+class DlmError(Exception):
+    """A request the generator refused or failed: its gRPC status code name and message."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code, self.message = code, message
+
+
+def _targets(controls: Optional[Targets]) -> list[str]:
+    if controls is None:
+        return []
+    if isinstance(controls, Mapping):
+        return [f"{k}={v}" for k, v in controls.items()]
+    return [str(c) for c in controls]
+
+
+class Client:
+    """`Client("127.0.0.1:8000")`; for TLS, `Client("host:8000", ca="ca.pem")`."""
+
+    def __init__(self, endpoint: str = "127.0.0.1:8000", *, ca: Optional[str] = None,
+                 timeout: Optional[float] = None):
+        endpoint = endpoint.removeprefix("http://").removeprefix("https://")
+        if ca is None:
+            self._channel = grpc.insecure_channel(endpoint)
+        else:
+            with open(ca, "rb") as f:
+                creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+            self._channel = grpc.secure_channel(endpoint, creds)
+        self._stub = pb_grpc.GeneratorStub(self._channel)
+        self.timeout = timeout
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @staticmethod
+    def request(n: int = 1, controls: Optional[Targets] = None, *, guide: str = "",
+                weight: Optional[float] = None, steps: Optional[int] = None,
+                seed: Optional[int] = None, length: Optional[int] = None,
+                template: Optional[Sequence[str]] = None, best_of: Optional[int] = None,
+                progress_every: Optional[int] = None) -> pb.GenerateRequest:
+        """A GenerateRequest: `controls` as {"food": "Italian"} or ["food=Italian"]; `template`
+        as words with "_" for blanks."""
+        r = pb.GenerateRequest(n=n)
+        targets = _targets(controls)
+        if targets:
+            c = r.controls.add(guide=guide, targets=targets)
+            if weight is not None:
+                c.weight = weight
+        for name, value in [("steps", steps), ("seed", seed), ("length", length),
+                            ("best_of", best_of), ("progress_every", progress_every)]:
+            if value is not None:
+                setattr(r, name, value)
+        if template:
+            r.infill.template.extend(template)
+        return r
+
+    def _call(self, method, req, timeout):
+        try:
+            return method(req, timeout=timeout if timeout is not None else self.timeout)
+        except grpc.RpcError as e:
+            raise DlmError(e.code().name, e.details()) from None
+
+    def generate(self, n: int = 1, controls: Optional[Targets] = None, *,
+                 timeout: Optional[float] = None, **options) -> pb.GenerateResponse:
+        """Generates `n` texts; the response has `.samples[i].text`, `.seed`, `.timings`."""
+        return self._call(self._stub.Generate, self.request(n, controls, **options), timeout)
+
+    def texts(self, n: int = 1, controls: Optional[Targets] = None, **options) -> list[str]:
+        return [s.text for s in self.generate(n, controls, **options).samples]
+
+    def stream(self, n: int = 1, controls: Optional[Targets] = None, *,
+               timeout: Optional[float] = None, **options
+               ) -> Iterator[Union[pb.Progress, pb.GenerateResponse]]:
+        """Yields Progress messages (the current x0 texts) every `progress_every` steps, then the
+        GenerateResponse."""
+        req = self.request(n, controls, **options)
+        try:
+            for ev in self._stub.GenerateStream(
+                    req, timeout=timeout if timeout is not None else self.timeout):
+                yield ev.progress if ev.HasField("progress") else ev.result
+        except grpc.RpcError as e:
+            raise DlmError(e.code().name, e.details()) from None
+
+    def describe(self) -> pb.DescribeResponse:
+        """The model, the registered guides with their fields and values, readiness."""
+        return self._call(self._stub.Describe, pb.DescribeRequest(), None)
