@@ -19,6 +19,11 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/pip install --quiet --disable-pip-version-check --no-deps ./clients/python
   touch "$stamp"
 fi
+# Debian's Chromium and ChromeDriver, for the playground's browser test (as root, when missing).
+if ! command -v chromedriver >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 ||
+    { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }
+fi
 # .venv-interop: Seldon MLServer, a third-party OIP server the interop test serves our guide with.
 python3 -m venv .venv-interop
 stamp=".venv-interop/.installed-$(sha256sum deploy/requirements-interop.txt | cut -c1-16)"
