@@ -125,3 +125,161 @@ pub fn table(rows: &[BenchRow]) -> String {
     }
     s
 }
+
+/// One row of the guided-cost table: per diffusion step at batch `batch`, the denoiser's time and
+/// the guidance loop's (its gradient calls to the guide), and end to end a whole request of
+/// `batch` texts, guided and not.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GuidedRow {
+    pub batch: usize,
+    pub denoiser_step_ms: f64,
+    pub guidance_step_ms: f64,
+    pub steps: usize,
+    pub unguided_request_ms: f64,
+    pub guided_request_ms: f64,
+}
+
+/// Measures guided sampling with `guide` (one control, `target`), medians over `reps`.
+pub async fn guided(
+    model: std::sync::Arc<crate::model::LoadedModel>,
+    guide: std::sync::Arc<crate::guidance::RegisteredGuide>,
+    target: &str,
+    batches: &[usize],
+    steps: usize,
+    reps: usize,
+    guidance: crate::guidance::GuidanceConfig,
+) -> Result<Vec<GuidedRow>> {
+    use crate::diffusion::sampler::{reverse_step, SeqStep};
+    use crate::engine::{self, Control, EngineOptions, Event, Job};
+    use crate::guidance::step::{guide_rows, GuidedRow as Row};
+    let lm = &model.model;
+    let cfg = &lm.config;
+    let (l, d) = (cfg.seq_len, cfg.embed_dim);
+    let device = lm.device().clone();
+    let schedule = NoiseSchedule::new(cfg.schedule, cfg.diffusion_steps)?.respace(steps)?;
+    let controls: std::sync::Arc<[Control]> = vec![Control {
+        targets: guide.targets(&[target.to_string()])?,
+        guide: std::sync::Arc::clone(&guide),
+        weight: 1.0,
+    }]
+    .into();
+    let engine = engine::start(
+        std::sync::Arc::clone(&model),
+        tokio::runtime::Handle::current(),
+        EngineOptions {
+            max_batch: batches.iter().copied().max().unwrap_or(1),
+            max_queue: 16,
+            guide_max_rows: 64,
+        },
+    )?;
+    let request = |n: usize, controls: Vec<Control>, seed: u64| Job {
+        id: seed,
+        n,
+        best_of: 1,
+        steps,
+        sampler: SamplerKind::Ddpm,
+        seed,
+        clamp: true,
+        controls,
+        fixed: vec![None; l],
+        guidance,
+        progress_every: None,
+        deadline: None,
+    };
+    let mut out = Vec::new();
+    for &b in batches {
+        let x = Tensor::randn(0f32, 1.0, (b, l, d), &device)?;
+        let index = schedule.len() / 2;
+        let seqs: Vec<SeqStep> = (0..b)
+            .map(|_| SeqStep {
+                schedule: &schedule,
+                index,
+                kind: SamplerKind::Ddpm,
+                clamp: true,
+            })
+            .collect();
+        let mut denoiser = Vec::new();
+        let mut guidance_ms = Vec::new();
+        for rep in 0..=reps {
+            let started = Instant::now();
+            let p = reverse_step(lm, &x, &seqs, Some(&x))?;
+            let mean = p.mean.flatten_all()?.to_vec1::<f32>()?;
+            let x0 = p.x0.flatten_all()?.to_vec1::<f32>()?;
+            let ms = started.elapsed().as_secs_f64() * 1e3;
+            let rows: Vec<Row> = (0..b)
+                .map(|j| Row {
+                    mean: mean[j * l * d..(j + 1) * l * d].to_vec(),
+                    x0: x0[j * l * d..(j + 1) * l * d].to_vec(),
+                    sigma: p.sigma[j],
+                    t: schedule.timesteps[index - 1] as i64,
+                    controls: std::sync::Arc::clone(&controls),
+                    config: guidance,
+                })
+                .collect();
+            let started = Instant::now();
+            for r in guide_rows(&rows, 64).await {
+                r?;
+            }
+            if rep > 0 {
+                denoiser.push(ms);
+                guidance_ms.push(started.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        let whole = |controls: Vec<Control>| {
+            let engine = engine.clone();
+            let mut times = Vec::new();
+            async move {
+                for rep in 0..reps.div_ceil(2).max(1) {
+                    let started = Instant::now();
+                    let mut events = engine.submit(request(b, controls.clone(), rep as u64))?;
+                    while let Some(e) = events.recv().await {
+                        if let Event::Done(r) = e {
+                            r?;
+                            break;
+                        }
+                    }
+                    times.push(started.elapsed().as_secs_f64() * 1e3);
+                }
+                Ok::<f64, crate::Error>(median(&times))
+            }
+        };
+        let unguided_request_ms = whole(vec![]).await?;
+        let guided_request_ms = whole(controls.to_vec()).await?;
+        out.push(GuidedRow {
+            batch: b,
+            denoiser_step_ms: median(&denoiser),
+            guidance_step_ms: median(&guidance_ms),
+            steps,
+            unguided_request_ms,
+            guided_request_ms,
+        });
+    }
+    Ok(out)
+}
+
+/// The guided-cost table, with the issue's two ratios: throughput guided ÷ unguided (texts/s at the
+/// batch) and latency guided ÷ unguided.
+pub fn guided_table(rows: &[GuidedRow]) -> String {
+    let mut s = String::from(
+        "| B | denoiser step (ms) | guidance per step (ms) | unguided request (ms) | guided request (ms) | unguided texts/s | guided texts/s | guided ÷ unguided throughput |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        let (u, g) = (
+            r.batch as f64 / (r.unguided_request_ms / 1e3),
+            r.batch as f64 / (r.guided_request_ms / 1e3),
+        );
+        s.push_str(&format!(
+            "| {} | {:.2} | {:.2} | {:.0} | {:.0} | {:.1} | {:.1} | {:.2} |\n",
+            r.batch,
+            r.denoiser_step_ms,
+            r.guidance_step_ms,
+            r.unguided_request_ms,
+            r.guided_request_ms,
+            u,
+            g,
+            g / u
+        ));
+    }
+    s
+}

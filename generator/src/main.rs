@@ -56,6 +56,9 @@ enum Command {
     /// copies of it (what best-of-k ranks by); one number per line on stdout.
     Score(ScoreArgs),
     /// Median train-step and sampling-step times (table on stdout).
+    /// The cost of guidance: denoiser vs guide time per step and whole requests, guided and not, at
+    /// each batch size, with a guide over OIP (a table).
+    BenchGuided(BenchGuidedArgs),
     Bench(BenchArgs),
     /// Serve the Generator gRPC API (guided sampling with continuous batching).
     Serve(ServeArgs),
@@ -146,9 +149,13 @@ struct EvalControlArgs {
     guide: String,
     #[arg(long, env = "DLM_DATA_DIR", default_value = "../shared/data/e2e")]
     data_dir: PathBuf,
-    /// Number of (field, value) targets.
+    /// Number of targets.
     #[arg(long, env = "DLM_TARGETS", default_value_t = 200)]
     targets: usize,
+    /// Fields per target, drawn from one E2E test MR: K (1–8; 1 never draws `name`), or `all`
+    /// (the whole MR). Success per text: every field of its target realised.
+    #[arg(long, env = "DLM_FIELDS", default_value = "1")]
+    fields: dlm_generator::eval::control::FieldCount,
     /// Texts per target.
     #[arg(long, env = "DLM_N", default_value_t = 1)]
     n: u32,
@@ -338,6 +345,28 @@ struct GenerateArgs {
     /// while its start-up guides register); 0 sends at once.
     #[arg(long, env = "DLM_WAIT_S", default_value_t = 0)]
     wait_s: u64,
+}
+
+#[derive(Args)]
+struct BenchGuidedArgs {
+    #[arg(long, env = "DLM_MODEL", default_value = "models/e2e-small")]
+    model: PathBuf,
+    /// The guide, NAME=URL as for `serve --guide` (e.g. a dlm-guide on loopback).
+    #[arg(long, env = "DLM_GUIDE", default_value = "e2e-semantic=http://127.0.0.1:8001")]
+    guide: String,
+    /// The one control every guided text gets.
+    #[arg(long, env = "DLM_TARGET", default_value = "food=Italian")]
+    target: String,
+    #[arg(long, env = "DLM_BENCH_BATCHES", value_delimiter = ',', default_value = "1,16,64")]
+    batches: Vec<usize>,
+    #[arg(long, env = "DLM_SAMPLE_STEPS", default_value_t = 200)]
+    steps: usize,
+    /// Timed repeats per step measurement (requests: half as many; medians are reported).
+    #[arg(long, env = "DLM_BENCH_REPS", default_value_t = 5)]
+    reps: usize,
+    /// Guide down to this sampling step (default: none in the last 10), as `generate --guide-until`.
+    #[arg(long, env = "DLM_GUIDE_UNTIL")]
+    guide_until: Option<usize>,
 }
 
 #[derive(Args)]
@@ -593,6 +622,7 @@ fn run(command: Command, device: DeviceChoice) -> anyhow::Result<()> {
         Command::EvalFluency(args) => eval_fluency(args),
         Command::Score(args) => score(args, &open()?),
         Command::Bench(args) => bench(args, device),
+        Command::BenchGuided(args) => bench_guided(args, device),
         Command::Serve(args) => serve(args, &open()?),
         Command::Generate(args) => generate(args),
         Command::EvalControl(args) => eval_control(args),
@@ -719,6 +749,55 @@ fn sample(args: SampleArgs, device: &Device) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn bench_guided(args: BenchGuidedArgs, device: DeviceChoice) -> anyhow::Result<()> {
+    use dlm_generator::guidance::{GuideRegistry, GuideSpec, ModelSignature};
+    use std::sync::Arc;
+    let device = device.open()?;
+    let loaded = Arc::new(LoadedModel::load(&args.model, &device)?);
+    let cfg = loaded.model.config.clone();
+    let signature = ModelSignature {
+        embedding_sha256: loaded.model.embedding_sha256()?,
+        diffusion_steps: cfg.diffusion_steps,
+        schedule: format!("{:?}", cfg.schedule).to_lowercase(),
+        seq_len: cfg.seq_len,
+        embed_dim: cfg.embed_dim,
+    };
+    let (name, value) = args
+        .guide
+        .split_once('=')
+        .ok_or_else(|| anyhow::anyhow!("invalid argument `guide`: not NAME=URL"))?;
+    let spec = GuideSpec::parse_flag(value)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let registry = GuideRegistry::new(signature, std::time::Duration::from_secs(30));
+        let guide = registry.register(name, registry.connect(name, &spec).await?).await?;
+        let rows = dlm_generator::bench::guided(
+            loaded,
+            guide,
+            &args.target,
+            &args.batches,
+            args.steps,
+            args.reps,
+            dlm_generator::guidance::GuidanceConfig {
+                stop_step: args
+                    .guide_until
+                    .unwrap_or(dlm_generator::guidance::GuidanceConfig::default().stop_step),
+                ..Default::default()
+            },
+        )
+        .await?;
+        print!("{}", dlm_generator::bench::guided_table(&rows));
+        println!(
+            "\n{} threads, {} sampling steps, guided down to step {}, one control ({}); guidance per step = the 3 gradient calls of the default settings.",
+            dlm_generator::runtime::threads(),
+            args.steps,
+            args.guide_until.unwrap_or(10),
+            args.target
+        );
+        anyhow::Ok(())
+    })
 }
 
 fn bench(args: BenchArgs, device: DeviceChoice) -> anyhow::Result<()> {
@@ -1104,36 +1183,21 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
 }
 
 fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
-    use dlm_generator::eval::control::realises;
+    use dlm_generator::eval::control::{draw_targets, rates, realises, realises_all, Target};
     use dlm_generator::text::read_e2e;
     use dlm_proto::dlm::v1 as pb;
-    use rand::{Rng, SeedableRng};
-    const FIELDS: [&str; 7] = [
-        "eatType",
-        "food",
-        "priceRange",
-        "customer rating",
-        "area",
-        "familyFriendly",
-        "near",
-    ];
+    use rand::SeedableRng;
     let test = read_e2e(&args.data_dir.join(data::TEST_FILE))?;
+    let mrs: Vec<_> = test.into_iter().map(|r| r.mr).collect();
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
-    let mut targets: Vec<(String, String)> = Vec::new();
-    while targets.len() < args.targets {
-        let mr = &test[rng.random_range(0..test.len())].mr;
-        let (f, v) = &mr.0[rng.random_range(0..mr.0.len())];
-        if FIELDS.contains(&f.as_str()) {
-            targets.push((f.clone(), v.clone()));
-        }
-    }
+    let targets = draw_targets(&mrs, args.fields, args.targets, &mut rng);
     let rt = tokio::runtime::Runtime::new()?;
-    let results: Vec<(String, String, Vec<String>, Vec<String>)> = rt.block_on(async {
+    let results: Vec<(Target, Vec<String>, Vec<String>)> = rt.block_on(async {
         let client = args.endpoint.client().await?;
         let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
-        let progress = indicatif::ProgressBar::new(targets.len() as u64);
+        let progress = dlm_generator::train::progress_bar(targets.len(), true);
         let mut tasks = Vec::new();
-        for (i, (f, v)) in targets.iter().cloned().enumerate() {
+        for (i, target) in targets.iter().cloned().enumerate() {
             let (mut client, sem, guide, progress) = (
                 client.clone(),
                 sem.clone(),
@@ -1159,7 +1223,7 @@ fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
                 let mut guided = base.clone();
                 guided.controls = vec![pb::Control {
                     guide,
-                    targets: vec![format!("{f}={v}")],
+                    targets: target.iter().map(|(f, v)| format!("{f}={v}")).collect(),
                     weight,
                 }];
                 guided.guidance = guidance;
@@ -1170,7 +1234,7 @@ fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
                 let g = texts(client.generate(guided).await?.into_inner());
                 let u = texts(client.generate(base).await?.into_inner());
                 progress.inc(1);
-                anyhow::Ok((f, v, g, u))
+                anyhow::Ok((target, g, u))
             }));
         }
         let mut out = Vec::new();
@@ -1180,44 +1244,64 @@ fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
         progress.finish_and_clear();
         anyhow::Ok(out)
     })?;
+    let guided_rates = rates(
+        &results
+            .iter()
+            .map(|(t, g, _)| (t.clone(), g.clone()))
+            .collect::<Vec<_>>(),
+    );
+    let unguided_rates = rates(
+        &results
+            .iter()
+            .map(|(t, _, u)| (t.clone(), u.clone()))
+            .collect::<Vec<_>>(),
+    );
     let mut table = String::from(
-        "| field | targets | guided success | unguided success |\n|---|---:|---:|---:|\n",
+        "| field | texts asked for it | guided success | unguided success |\n|---|---:|---:|---:|\n",
     );
     let (mut sum_g, mut sum_u, mut fields) = (0.0, 0.0, 0);
-    for field in FIELDS {
-        let rows: Vec<_> = results.iter().filter(|r| r.0 == field).collect();
-        if rows.is_empty() {
-            continue;
-        }
-        let rate = |pick: fn(&(String, String, Vec<String>, Vec<String>)) -> &Vec<String>| {
-            let (mut ok, mut all) = (0usize, 0usize);
-            for r in &rows {
-                for t in pick(r) {
-                    all += 1;
-                    ok += realises(t, &r.0, &r.1) as usize;
-                }
-            }
-            ok as f64 / all.max(1) as f64
-        };
-        let (g, u) = (rate(|r| &r.2), rate(|r| &r.3));
+    for ((field, asked, ok_g), (_, _, ok_u)) in
+        guided_rates.per_field.iter().zip(&unguided_rates.per_field)
+    {
+        let (g, u) = (
+            *ok_g as f64 / *asked as f64,
+            *ok_u as f64 / *asked as f64,
+        );
         sum_g += g;
         sum_u += u;
         fields += 1;
         table.push_str(&format!(
-            "| {field} | {} | {:.1}% | {:.1}% |\n",
-            rows.len(),
+            "| {field} | {asked} | {:.1}% | {:.1}% |\n",
             100.0 * g,
             100.0 * u
         ));
     }
+    let sizes: Vec<usize> = results.iter().map(|r| r.0.len()).collect();
+    if sizes.iter().any(|&k| k > 1) {
+        table.push_str(&format!(
+            "| **every field realised** ({}–{} fields per target) | {} | **{:.1}%** | {:.1}% |\n",
+            sizes.iter().min().unwrap_or(&0),
+            sizes.iter().max().unwrap_or(&0),
+            guided_rates.texts,
+            100.0 * guided_rates.all_realised as f64 / guided_rates.texts.max(1) as f64,
+            100.0 * unguided_rates.all_realised as f64 / unguided_rates.texts.max(1) as f64,
+        ));
+    }
     if let Some(path) = &args.texts {
         let mut out = String::new();
-        for (field, value, guided, unguided) in &results {
+        for (target, guided, unguided) in &results {
             for (is_guided, texts) in [(true, guided), (false, unguided)] {
                 for text in texts {
+                    let per_field: serde_json::Map<String, serde_json::Value> = target
+                        .iter()
+                        .map(|(f, v)| (f.clone(), realises(text, f, v).into()))
+                        .collect();
+                    let first = &target[0];
                     out.push_str(
-                        &serde_json::json!({"field": field, "value": value, "guided": is_guided,
-                        "text": text, "realised": realises(text, field, value)})
+                        &serde_json::json!({"field": first.0, "value": first.1,
+                        "target": target.iter().map(|(f, v)| format!("{f}={v}")).collect::<Vec<_>>(),
+                        "guided": is_guided, "text": text,
+                        "realised": realises_all(text, target), "fields": per_field})
                         .to_string(),
                     );
                     out.push('\n');
@@ -1226,8 +1310,8 @@ fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
         }
         std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))?;
     }
-    let guided: Vec<String> = results.iter().flat_map(|r| r.2.clone()).collect();
-    let unguided: Vec<String> = results.iter().flat_map(|r| r.3.clone()).collect();
+    let guided: Vec<String> = results.iter().flat_map(|r| r.1.clone()).collect();
+    let unguided: Vec<String> = results.iter().flat_map(|r| r.2.clone()).collect();
     let teacher = load_teacher(&args.teacher)?;
     let judge = FluencyJudge::new(&args.data_dir, 4, &teacher)?;
     let (fg, fu) = (judge.report(&guided)?, judge.report(&unguided)?);

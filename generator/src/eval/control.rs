@@ -50,9 +50,167 @@ fn realises_words(text: &[String], field: &str, value: &str) -> bool {
     said && !cancelled()
 }
 
+/// The E2E fields a guide steers (all of an MR's attributes).
+pub const FIELDS: [&str; 8] = [
+    "name",
+    "eatType",
+    "food",
+    "priceRange",
+    "customer rating",
+    "area",
+    "familyFriendly",
+    "near",
+];
+
+/// How many of an MR's fields one target asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldCount {
+    /// K fields drawn from one MR (MRs with fewer are skipped).
+    Some(usize),
+    /// The whole MR (3–8 fields in E2E).
+    All,
+}
+
+impl std::str::FromStr for FieldCount {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "all" => Ok(FieldCount::All),
+            k => match k.parse::<usize>() {
+                Ok(k) if (1..=FIELDS.len()).contains(&k) => Ok(FieldCount::Some(k)),
+                _ => Err(format!("`{k}`: a number of fields 1..=8, or `all`")),
+            },
+        }
+    }
+}
+
+/// A target: (field, value) pairs from one meaning representation.
+pub type Target = Vec<(String, String)>;
+
+/// `count` targets from `mrs` (E2E test MRs), each `fields` of one MR, drawn with `rng`. With
+/// `FieldCount::Some(1)` and no `name` (the single-field protocol of the README's control table)
+/// it is the earlier draw: one of the MR's fields other than `name`.
+pub fn draw_targets(
+    mrs: &[crate::text::e2e::MeaningRepresentation],
+    fields: FieldCount,
+    count: usize,
+    rng: &mut impl rand::Rng,
+) -> Vec<Target> {
+    let mut out = Vec::with_capacity(count);
+    while out.len() < count {
+        let mr = &mrs[rng.random_range(0..mrs.len())];
+        let present: Vec<&(String, String)> = mr
+            .0
+            .iter()
+            .filter(|(f, _)| FIELDS.contains(&f.as_str()))
+            .collect();
+        let target: Target = match fields {
+            FieldCount::Some(1) => {
+                let (f, v) = &mr.0[rng.random_range(0..mr.0.len())];
+                if f == "name" || !FIELDS.contains(&f.as_str()) {
+                    continue;
+                }
+                vec![(f.clone(), v.clone())]
+            }
+            FieldCount::Some(k) => {
+                if present.len() < k {
+                    continue;
+                }
+                let mut picked = rand::seq::index::sample(rng, present.len(), k).into_vec();
+                picked.sort_unstable();
+                picked.iter().map(|&i| present[i].clone()).collect()
+            }
+            FieldCount::All => present.into_iter().cloned().collect(),
+        };
+        out.push(target);
+    }
+    out
+}
+
+/// Whether `text` realises every pair of `target`.
+pub fn realises_all(text: &str, target: &[(String, String)]) -> bool {
+    let w = words(text);
+    target.iter().all(|(f, v)| realises_words(&w, f, v))
+}
+
+/// Per field: (texts whose target has it, of which realise it); over all: texts realising their
+/// whole target, of all texts.
+pub struct ControlRates {
+    pub per_field: Vec<(String, usize, usize)>,
+    pub all_realised: usize,
+    pub texts: usize,
+}
+
+pub fn rates(results: &[(Target, Vec<String>)]) -> ControlRates {
+    let mut per_field: Vec<(String, usize, usize)> =
+        FIELDS.iter().map(|f| (f.to_string(), 0, 0)).collect();
+    let (mut all_realised, mut texts) = (0, 0);
+    for (target, outs) in results {
+        for t in outs {
+            let w = words(t);
+            texts += 1;
+            let mut all = true;
+            for (f, v) in target {
+                let ok = realises_words(&w, f, v);
+                all &= ok;
+                if let Some(row) = per_field.iter_mut().find(|r| r.0 == *f) {
+                    row.1 += 1;
+                    row.2 += ok as usize;
+                }
+            }
+            all_realised += all as usize;
+        }
+    }
+    per_field.retain(|r| r.1 > 0);
+    ControlRates {
+        per_field,
+        all_realised,
+        texts,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn targets_take_k_fields_of_one_mr_and_all_means_the_whole_mr() {
+        use crate::text::e2e::MeaningRepresentation;
+        use rand::SeedableRng;
+        let mr = |pairs: &[(&str, &str)]| {
+            MeaningRepresentation(
+                pairs
+                    .iter()
+                    .map(|(f, v)| (f.to_string(), v.to_string()))
+                    .collect(),
+            )
+        };
+        let mrs = vec![
+            mr(&[("name", "The Eagle"), ("food", "Italian")]),
+            mr(&[("name", "Aromi"), ("eatType", "pub"), ("area", "riverside"), ("near", "Café Sicilia")]),
+        ];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        for t in draw_targets(&mrs, FieldCount::Some(3), 20, &mut rng) {
+            assert_eq!(t.len(), 3);
+            assert!(t.iter().all(|p| mrs[1].0.contains(p)), "{t:?}");
+        }
+        for t in draw_targets(&mrs, FieldCount::All, 20, &mut rng) {
+            assert!(t == mrs[0].0 || t == mrs[1].0);
+        }
+        for t in draw_targets(&mrs, FieldCount::Some(1), 20, &mut rng) {
+            assert!(t.len() == 1 && t[0].0 != "name");
+        }
+        let results = vec![(
+            vec![("food".to_string(), "Italian".to_string()), ("area".to_string(), "riverside".to_string())],
+            vec!["an italian place by the river".to_string(), "an italian place".to_string()],
+        )];
+        let r = rates(&results);
+        assert_eq!((r.all_realised, r.texts), (1, 2));
+        assert_eq!(r.per_field, vec![("food".into(), 2, 2), ("area".into(), 2, 1)]);
+        assert!(realises_all("an italian place by the river", &results[0].0));
+        assert_eq!("all".parse::<FieldCount>(), Ok(FieldCount::All));
+        assert!("9".parse::<FieldCount>().is_err());
+    }
 
     #[test]
     fn matches_values_and_paraphrases() {
