@@ -20,9 +20,11 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 # Debian's Chromium and ChromeDriver, for the playground's browser test (as root, when missing).
-if ! command -v chromedriver >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 ||
-    { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }
+if ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null; then
+  as_root=""; [ "$(id -u)" = 0 ] || as_root="sudo -n"
+  $as_root apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 ||
+    { $as_root apt-get update -q >/dev/null && $as_root apt-get install -y -q chromium chromium-driver >/dev/null; } ||
+    echo "setup: could not install chromium/chromium-driver (the playground test needs them)" >&2
 fi
 # .venv-interop: Seldon MLServer, a third-party OIP server the interop test serves our guide with.
 python3 -m venv .venv-interop

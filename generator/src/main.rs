@@ -100,8 +100,9 @@ struct GuidanceArgs {
     #[arg(long, env = "DLM_STEP_SIZE")]
     step_size: Option<f32>,
     /// The update rule: adagrad (the paper's, per coordinate), normalized (one accumulator per
-    /// text) or sign; default: the server's.
-    #[arg(long, env = "DLM_GUIDANCE_UPDATE", value_parser = ["adagrad", "normalized", "sign"])]
+    /// text), proximal (normalized steps capped at the linearised optimum σ/(2λ)·RMS(g)) or sign;
+    /// default: the server's.
+    #[arg(long, env = "DLM_GUIDANCE_UPDATE", value_parser = ["adagrad", "normalized", "proximal", "sign"])]
     guidance_update: Option<String>,
     /// Fluency weight λ: the pull back towards the sampler's proposal (default 0.01).
     #[arg(long, env = "DLM_FLUENCY_WEIGHT")]
@@ -119,11 +120,35 @@ struct GuidanceArgs {
 }
 
 impl GuidanceArgs {
+    /// These settings over the defaults, as the engine takes them (for in-process use).
+    fn to_config(&self) -> dlm_generator::guidance::GuidanceConfig {
+        use dlm_generator::guidance::{GuidanceConfig, GuidanceUpdate};
+        let d = GuidanceConfig::default();
+        GuidanceConfig {
+            steps_per_diffusion_step: self
+                .guidance_steps
+                .map_or(d.steps_per_diffusion_step, |v| v as usize),
+            step_size: self.step_size.unwrap_or(d.step_size),
+            update: match self.guidance_update.as_deref() {
+                Some("sign") => GuidanceUpdate::Sign,
+                Some("normalized") => GuidanceUpdate::Normalized,
+                Some("proximal") => GuidanceUpdate::Proximal,
+                Some(_) => GuidanceUpdate::Adagrad,
+                None => d.update,
+            },
+            fluency_weight: self.fluency_weight.unwrap_or(d.fluency_weight),
+            start_step: self.guide_from.map(|v| v as usize),
+            stop_step: self.guide_until.map_or(d.stop_step, |v| v as usize),
+            satisfied_prob: self.satisfied_prob.unwrap_or(d.satisfied_prob),
+        }
+    }
+
     fn to_proto(&self) -> Option<dlm_proto::dlm::v1::Guidance> {
         use dlm_proto::dlm::v1::{Guidance, GuidanceUpdate};
         let update = match self.guidance_update.as_deref() {
             Some("sign") => GuidanceUpdate::Sign,
             Some("normalized") => GuidanceUpdate::Normalized,
+            Some("proximal") => GuidanceUpdate::Proximal,
             Some(_) => GuidanceUpdate::Adagrad,
             None => GuidanceUpdate::Unspecified,
         };
@@ -364,9 +389,8 @@ struct BenchGuidedArgs {
     /// Timed repeats per step measurement (requests: half as many; medians are reported).
     #[arg(long, env = "DLM_BENCH_REPS", default_value_t = 5)]
     reps: usize,
-    /// Guide down to this sampling step (default: none in the last 10), as `generate --guide-until`.
-    #[arg(long, env = "DLM_GUIDE_UNTIL")]
-    guide_until: Option<usize>,
+    #[command(flatten)]
+    guidance: GuidanceArgs,
 }
 
 #[derive(Args)]
@@ -780,21 +804,16 @@ fn bench_guided(args: BenchGuidedArgs, device: DeviceChoice) -> anyhow::Result<(
             &args.batches,
             args.steps,
             args.reps,
-            dlm_generator::guidance::GuidanceConfig {
-                stop_step: args
-                    .guide_until
-                    .unwrap_or(dlm_generator::guidance::GuidanceConfig::default().stop_step),
-                ..Default::default()
-            },
+            args.guidance.to_config(),
         )
         .await?;
         print!("{}", dlm_generator::bench::guided_table(&rows));
         println!(
-            "\n{} threads, {} sampling steps, guided down to step {}, one control ({}); guidance per step = the 3 gradient calls of the default settings.",
+            "\n{} threads, {} sampling steps, one control ({}), guidance {:?}; guidance per step = its gradient calls at one step.",
             dlm_generator::runtime::threads(),
             args.steps,
-            args.guide_until.unwrap_or(10),
-            args.target
+            args.target,
+            args.guidance.to_config()
         );
         anyhow::Ok(())
     })

@@ -27,6 +27,11 @@ pub enum GuidanceUpdate {
     /// whole is normalised, so a coordinate the classifier barely reads moves barely, where
     /// per-coordinate Adagrad moves every coordinate of every position by about the step size.
     Normalized,
+    /// Each gradient step moves the text by `step_size` (RMS) along its gradient, or less: at most
+    /// as far as the maximiser of the linearised objective, σ/(2λ)·RMS(g). The fluency term is
+    /// zero at the first gradient step (y = μ), so without this cap one step per diffusion step
+    /// moves the latents as far at σ ≈ 0 as at σ ≈ 1.
+    Proximal,
 }
 
 /// Guidance settings: the paper's, but for the update (normalized at step 0.2, not per-coordinate
@@ -150,6 +155,18 @@ pub fn update(
                 *yi += config.step_size * gi.signum();
             }
         }
+        GuidanceUpdate::Proximal => {
+            let rms = (grads.iter().map(|v| v * v).sum::<f32>() / y.len().max(1) as f32).sqrt();
+            let reach = if config.fluency_weight > 0.0 {
+                sigma / (2.0 * config.fluency_weight) * rms
+            } else {
+                f32::INFINITY
+            };
+            let scale = config.step_size.min(reach) / (rms + 1e-10);
+            for (yi, gi) in y.iter_mut().zip(grads) {
+                *yi += scale * gi;
+            }
+        }
         GuidanceUpdate::Normalized => {
             // state[0] accumulates the mean square over the text: its RMS moves by step_size.
             state[0] += grads.iter().map(|v| v * v).sum::<f32>() / y.len().max(1) as f32;
@@ -210,6 +227,26 @@ mod tests {
             &mut state,
         );
         assert!(y[0] < 1.0);
+    }
+
+    /// The proximal update moves `step_size` (RMS) where the noise is high, and no further than
+    /// the linearised optimum σ/(2λ)·RMS(g) where it is low.
+    #[test]
+    fn proximal_steps_shrink_with_sigma() {
+        let c = GuidanceConfig {
+            update: GuidanceUpdate::Proximal,
+            step_size: 0.3,
+            fluency_weight: 0.01,
+            ..GuidanceConfig::default()
+        };
+        let rms_move = |sigma: f32| {
+            let (mut y, mut state) = (vec![0f32; 2], vec![0f32; 2]);
+            update(&c, &mut y, &[1.0, -1.0], &[0.0; 2], sigma, &mut state);
+            (y.iter().map(|v| v * v).sum::<f32>() / 2.0).sqrt()
+        };
+        assert!((rms_move(1.0) - 0.3).abs() < 1e-6);
+        // σ = 0.002: reach = 0.002 / 0.02 · 1 = 0.1
+        assert!((rms_move(0.002) - 0.1).abs() < 1e-5, "{}", rms_move(0.002));
     }
 
     /// Per-coordinate Adagrad moves a coordinate the classifier barely reads as far as the one it

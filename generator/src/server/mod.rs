@@ -249,12 +249,13 @@ impl GeneratorService {
                 Ok(pb::GuidanceUpdate::Sign) => GuidanceUpdate::Sign,
                 Ok(pb::GuidanceUpdate::Adagrad) => GuidanceUpdate::Adagrad,
                 Ok(pb::GuidanceUpdate::Normalized) => GuidanceUpdate::Normalized,
+                Ok(pb::GuidanceUpdate::Proximal) => GuidanceUpdate::Proximal,
                 Ok(pb::GuidanceUpdate::Unspecified) => d.update,
                 Err(_) => {
                     return Err(Error::invalid(
                         "guidance.update",
                         format!(
-                            "unknown value {} (ADAGRAD = 1, SIGN = 2, NORMALIZED = 3)",
+                            "unknown value {} (ADAGRAD = 1, SIGN = 2, NORMALIZED = 3, PROXIMAL = 4)",
                             g.update
                         ),
                     ))
