@@ -7,13 +7,14 @@ deploy/setup.sh
 cargo build --release --quiet
 guide_port=${DLM_GUIDE_PORT:-18101}
 gen_port=${DLM_PORT:-18100}
+http_port=${DLM_HTTP_PORT:-18102}
 wait_port() { for _ in $(seq 1 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
 target/release/dlm-guide serve --model-repository models/guides --port "$guide_port" --metrics-port 0 &
 guide=$!
 gen=""
 trap 'kill -TERM $gen $guide 2>/dev/null || true; wait 2>/dev/null || true' EXIT
 wait_port "$guide_port"
-target/release/dlm-generator serve --model models/e2e-small --port "$gen_port" --metrics-port 0 \
+target/release/dlm-generator serve --model models/e2e-small --port "$gen_port" --http-port "$http_port" --metrics-port 0 \
     --guide "e2e-semantic=http://127.0.0.1:$guide_port" --guide "e2e-names=http://127.0.0.1:$guide_port/e2e-names" &
 gen=$!
 echo "--- 3 texts steered to food=Italian, area=riverside (seed 1):"
