@@ -180,7 +180,7 @@ pub async fn guided(
         sampler: SamplerKind::Ddpm,
         seed,
         clamp: true,
-        controls,
+        controls: controls.into(),
         fixed: vec![None; l],
         guidance,
         progress_every: None,

@@ -120,27 +120,12 @@ struct GuidanceArgs {
 }
 
 impl GuidanceArgs {
-    /// These settings over the defaults, as the engine takes them (for in-process use).
-    fn to_config(&self) -> dlm_generator::guidance::GuidanceConfig {
-        use dlm_generator::guidance::{GuidanceConfig, GuidanceUpdate};
-        let d = GuidanceConfig::default();
-        GuidanceConfig {
-            steps_per_diffusion_step: self
-                .guidance_steps
-                .map_or(d.steps_per_diffusion_step, |v| v as usize),
-            step_size: self.step_size.unwrap_or(d.step_size),
-            update: match self.guidance_update.as_deref() {
-                Some("sign") => GuidanceUpdate::Sign,
-                Some("normalized") => GuidanceUpdate::Normalized,
-                Some("proximal") => GuidanceUpdate::Proximal,
-                Some(_) => GuidanceUpdate::Adagrad,
-                None => d.update,
-            },
-            fluency_weight: self.fluency_weight.unwrap_or(d.fluency_weight),
-            start_step: self.guide_from.map(|v| v as usize),
-            stop_step: self.guide_until.map_or(d.stop_step, |v| v as usize),
-            satisfied_prob: self.satisfied_prob.unwrap_or(d.satisfied_prob),
-        }
+    /// These settings over the defaults, as the engine takes them (for in-process use): the
+    /// server's own conversion and checks.
+    fn to_config(&self) -> anyhow::Result<dlm_generator::guidance::GuidanceConfig> {
+        Ok(dlm_generator::server::guidance_config(
+            &self.to_proto().unwrap_or_default(),
+        )?)
     }
 
     fn to_proto(&self) -> Option<dlm_proto::dlm::v1::Guidance> {
@@ -377,12 +362,21 @@ struct BenchGuidedArgs {
     #[arg(long, env = "DLM_MODEL", default_value = "models/e2e-small")]
     model: PathBuf,
     /// The guide, NAME=URL as for `serve --guide` (e.g. a dlm-guide on loopback).
-    #[arg(long, env = "DLM_GUIDE", default_value = "e2e-semantic=http://127.0.0.1:8001")]
+    #[arg(
+        long,
+        env = "DLM_GUIDE",
+        default_value = "e2e-semantic=http://127.0.0.1:8001"
+    )]
     guide: String,
     /// The one control every guided text gets.
     #[arg(long, env = "DLM_TARGET", default_value = "food=Italian")]
     target: String,
-    #[arg(long, env = "DLM_BENCH_BATCHES", value_delimiter = ',', default_value = "1,16,64")]
+    #[arg(
+        long,
+        env = "DLM_BENCH_BATCHES",
+        value_delimiter = ',',
+        default_value = "1,16,64"
+    )]
     batches: Vec<usize>,
     #[arg(long, env = "DLM_SAMPLE_STEPS", default_value_t = 200)]
     steps: usize,
@@ -804,7 +798,7 @@ fn bench_guided(args: BenchGuidedArgs, device: DeviceChoice) -> anyhow::Result<(
             &args.batches,
             args.steps,
             args.reps,
-            args.guidance.to_config(),
+            args.guidance.to_config()?,
         )
         .await?;
         print!("{}", dlm_generator::bench::guided_table(&rows));
@@ -813,7 +807,7 @@ fn bench_guided(args: BenchGuidedArgs, device: DeviceChoice) -> anyhow::Result<(
             dlm_generator::runtime::threads(),
             args.steps,
             args.target,
-            args.guidance.to_config()
+            args.guidance.to_config()?
         );
         anyhow::Ok(())
     })
@@ -1282,10 +1276,7 @@ fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
     for ((field, asked, ok_g), (_, _, ok_u)) in
         guided_rates.per_field.iter().zip(&unguided_rates.per_field)
     {
-        let (g, u) = (
-            *ok_g as f64 / *asked as f64,
-            *ok_u as f64 / *asked as f64,
-        );
+        let (g, u) = (*ok_g as f64 / *asked as f64, *ok_u as f64 / *asked as f64);
         sum_g += g;
         sum_u += u;
         fields += 1;

@@ -87,7 +87,7 @@ fn job(id: u64, n: usize, steps: usize, controls: Vec<Control>) -> Job {
         sampler: SamplerKind::Ddpm,
         seed: id,
         clamp: true,
-        controls,
+        controls: controls.into(),
         fixed: vec![None; 64],
         guidance: GuidanceConfig::default(),
         progress_every: None,

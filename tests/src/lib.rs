@@ -95,6 +95,15 @@ impl GuideServer {
         on_fresh_ports(|| Self::try_start_on(free_port(), repository, extra)).await
     }
 
+    /// [`start`](Self::start) with `--admin-token-file` holding [`ADMIN_TOKEN`] (for the
+    /// repository admin calls).
+    pub async fn start_admin(repository: &Path, extra: &[&str]) -> Self {
+        let token = admin_token_file();
+        let mut args = extra.to_vec();
+        args.extend(["--admin-token-file", token.to_str().unwrap()]);
+        Self::start(repository, &args).await
+    }
+
     /// [`start`](Self::start) on a given port.
     pub async fn start_on(port: u16, repository: &Path, extra: &[&str]) -> Self {
         Self::try_start_on(port, repository, extra)
@@ -253,6 +262,11 @@ impl GeneratorServer {
 
     /// The overall gRPC health status, once the port answers.
     pub async fn health(&self) -> Option<i32> {
+        self.health_of("").await
+    }
+
+    /// The gRPC health status of `service` (e.g. `guide/<name>`), once the port answers.
+    pub async fn health_of(&self, service: &str) -> Option<i32> {
         let ch = tonic::transport::Channel::from_shared(self.url())
             .unwrap()
             .connect()
@@ -261,7 +275,7 @@ impl GeneratorServer {
         let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
         let r = health
             .check(tonic_health::pb::HealthCheckRequest {
-                service: String::new(),
+                service: service.into(),
             })
             .await
             .ok()?;
@@ -368,4 +382,21 @@ pub fn admin<T>(msg: T) -> tonic::Request<T> {
         format!("Bearer {ADMIN_TOKEN}").parse().unwrap(),
     );
     r
+}
+
+/// The shipped guide repository on a guide server, and a generator on the shipped model with
+/// `guides` of it registered (each model under its own name), admin calls open to
+/// [`ADMIN_TOKEN`], and `extra` flags.
+pub async fn stack(guides: &[&str], extra: &[&str]) -> (GuideServer, GeneratorServer) {
+    let guide = GuideServer::start(&repo_root().join("models/guides"), &["--poll-ms", "0"]).await;
+    let mut args: Vec<String> = vec!["--model".into(), "models/e2e-small".into()];
+    for g in guides {
+        args.push("--guide".into());
+        args.push(format!("{g}=http://127.0.0.1:{}/{g}", guide.port));
+    }
+    args.push("--admin-token-file".into());
+    args.push(admin_token_file().display().to_string());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let generator = GeneratorServer::start(&args).await;
+    (guide, generator)
 }

@@ -10,19 +10,7 @@ const GUIDE: &str = "e2e-semantic";
 
 /// The shipped guide and the shipped generator wired to it; `limit` is one more (flag, value).
 async fn stack_with(limit: (&str, &str)) -> (GuideServer, GeneratorServer) {
-    let guide = GuideServer::start(&repo_root().join("models/guides"), &["--poll-ms", "0"]).await;
-    let generator = GeneratorServer::start(&[
-        "--model".into(),
-        "models/e2e-small".into(),
-        "--guide".into(),
-        format!("{GUIDE}=http://127.0.0.1:{}", guide.port),
-        limit.0.into(),
-        limit.1.into(),
-        "--admin-token-file".into(),
-        admin_token_file().display().to_string(),
-    ])
-    .await;
-    (guide, generator)
+    dlm_tests::stack(&[GUIDE], &[limit.0, limit.1]).await
 }
 
 async fn stack() -> (GuideServer, GeneratorServer) {

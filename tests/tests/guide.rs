@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use dlm_proto::guide_contract::{decode_response, encode_request, Dims, GuideBatch};
 use dlm_proto::inference::*;
-use dlm_tests::{admin, admin_token_file, repo_root, venv_python, GuideServer};
+use dlm_tests::{admin, repo_root, venv_python, GuideServer};
 use tonic::Code;
 
 const MODEL: &str = "e2e-semantic";
@@ -235,17 +235,7 @@ async fn concurrent_requests_are_batched_and_equal_unbatched() {
 async fn hot_swap_under_load_loses_nothing_and_a_broken_model_keeps_the_old_one() {
     let c = card();
     let repo = scratch_repository();
-    let token = admin_token_file();
-    let server = GuideServer::start(
-        repo.path(),
-        &[
-            "--poll-ms",
-            "200",
-            "--admin-token-file",
-            token.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let server = GuideServer::start_admin(repo.path(), &["--poll-ms", "200"]).await;
     let client = server.client().await.unwrap();
     let failures = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
@@ -390,17 +380,7 @@ fn with_nan_weights(model: &[u8]) -> Vec<u8> {
 async fn a_version_with_a_foreign_card_or_nan_outputs_is_refused_while_the_old_one_serves() {
     let c = card();
     let repo = scratch_repository();
-    let token = admin_token_file();
-    let server = GuideServer::start(
-        repo.path(),
-        &[
-            "--poll-ms",
-            "0",
-            "--admin-token-file",
-            token.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let server = GuideServer::start_admin(repo.path(), &["--poll-ms", "0"]).await;
     let mut client = server.client().await.unwrap();
     let dir = |v: &str| repo.path().join(MODEL).join(v);
     let load = |client: &mut dlm_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient<tonic::transport::Channel>| {

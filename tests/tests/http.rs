@@ -1,8 +1,6 @@
 //! The generator's HTTP/JSON API over a real server on loopback: the gRPC methods in proto3 JSON,
 //! the same validation, statuses mapped to HTTP, progress as server-sent events.
 
-use dlm_tests::{repo_root, GeneratorServer, GuideServer};
-
 fn body(response: &str) -> &str {
     response.split_once("\r\n\r\n").map_or("", |(_, b)| b)
 }
@@ -13,14 +11,7 @@ fn json(response: &str) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_http_api_generates_streams_and_maps_errors() {
-    let guide = GuideServer::start(&repo_root().join("models/guides"), &["--poll-ms", "0"]).await;
-    let generator = GeneratorServer::start(&[
-        "--model".into(),
-        "models/e2e-small".into(),
-        "--guide".into(),
-        format!("e2e-semantic=http://127.0.0.1:{}", guide.port),
-    ])
-    .await;
+    let (_guide, generator) = dlm_tests::stack(&["e2e-semantic"], &[]).await;
     let request =
         r#"{"n": 2, "steps": 40, "seed": "7", "controls": [{"targets": ["food=Italian"]}]}"#;
     let (status, r) = generator.http(

@@ -4,25 +4,14 @@
 use std::time::{Duration, Instant};
 
 use dlm_proto::dlm::v1 as pb;
-use dlm_tests::{admin, admin_token_file, repo_root, GeneratorServer, GuideServer};
+use dlm_tests::{admin, repo_root, GeneratorServer, GuideServer};
 use tonic::Code;
 
 const GUIDE: &str = "e2e-semantic";
 
 /// The shipped guide and generator, with `extra` generator flags.
 async fn stack(extra: &[&str]) -> (GuideServer, GeneratorServer) {
-    let guide = GuideServer::start(&repo_root().join("models/guides"), &["--poll-ms", "0"]).await;
-    let mut args: Vec<String> = vec![
-        "--model".into(),
-        "models/e2e-small".into(),
-        "--guide".into(),
-        format!("{GUIDE}=http://127.0.0.1:{}", guide.port),
-        "--admin-token-file".into(),
-        admin_token_file().display().to_string(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let generator = GeneratorServer::start(&args).await;
-    (guide, generator)
+    dlm_tests::stack(&[GUIDE], extra).await
 }
 
 fn request(n: u32, steps: u32, seed: u64, targets: &[&str]) -> pb::GenerateRequest {
@@ -172,7 +161,7 @@ async fn a_hung_guide_delays_only_the_requests_it_steers() {
         .into_inner();
     assert!(!describe.guides[0].ready, "a hung guide is shown ready");
     assert_eq!(
-        guide_health(&generator).await,
+        generator.health_of(&format!("guide/{GUIDE}")).await,
         Some(2),
         "guide health not NOT_SERVING"
     );
@@ -198,23 +187,6 @@ async fn a_hung_guide_delays_only_the_requests_it_steers() {
         .generate(request(1, 20, 5, &["area=riverside"]))
         .await
         .expect("guided requests work again once the guide answers");
-}
-
-/// The health status of `guide/<GUIDE>` (1 SERVING, 2 NOT_SERVING).
-async fn guide_health(generator: &GeneratorServer) -> Option<i32> {
-    let ch = tonic::transport::Channel::from_shared(generator.url())
-        .unwrap()
-        .connect()
-        .await
-        .ok()?;
-    let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
-    let r = health
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: format!("guide/{GUIDE}"),
-        })
-        .await
-        .ok()?;
-    Some(r.into_inner().status)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

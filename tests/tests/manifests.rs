@@ -16,7 +16,11 @@ fn interop_bin(name: &str) -> std::path::PathBuf {
 #[test]
 fn kubernetes_manifests_match_their_schemas() {
     let out = Command::new(interop_bin("kubernetes-validate"))
-        .args(["--strict", "deploy/k8s/generator.yaml", "deploy/k8s/guide.yaml"])
+        .args([
+            "--strict",
+            "deploy/k8s/generator.yaml",
+            "deploy/k8s/guide.yaml",
+        ])
         .current_dir(repo_root())
         .output()
         .unwrap();
@@ -35,7 +39,10 @@ fn kubernetes_manifests_match_their_schemas() {
         "horizontalpodautoscaler/dlm-guides",
         "networkpolicy/dlm-guides",
     ] {
-        assert!(log.contains(&format!("passed for resource {resource}")), "{resource}: {log}");
+        assert!(
+            log.contains(&format!("passed for resource {resource}")),
+            "{resource}: {log}"
+        );
     }
 }
 

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use dlm_tests::{free_port, repo_root, GeneratorServer, GuideServer};
+use dlm_tests::free_port;
 use serde_json::{json, Value};
 
 /// One WebDriver call: JSON in, the `value` of the JSON answer out.
@@ -55,16 +55,7 @@ impl Drop for Driver {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_playground_runs_a_guided_generation_in_a_browser() {
-    let guide = GuideServer::start(&repo_root().join("models/guides"), &["--poll-ms", "0"]).await;
-    let generator = GeneratorServer::start(&[
-        "--model".into(),
-        "models/e2e-small".into(),
-        "--guide".into(),
-        format!("e2e-semantic=http://127.0.0.1:{}", guide.port),
-        "--guide".into(),
-        format!("e2e-names=http://127.0.0.1:{}/e2e-names", guide.port),
-    ])
-    .await;
+    let (_guide, generator) = dlm_tests::stack(&["e2e-semantic", "e2e-names"], &[]).await;
     let port = free_port();
     let child = Command::new("chromedriver")
         .arg(format!("--port={port}"))

@@ -4,18 +4,11 @@
 use std::process::Command;
 
 use dlm_proto::dlm::v1 as pb;
-use dlm_tests::{repo_root, venv_python, GeneratorServer, GuideServer};
+use dlm_tests::{repo_root, venv_python};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_client_steers_and_streams() {
-    let guide = GuideServer::start(&repo_root().join("models/guides"), &["--poll-ms", "0"]).await;
-    let generator = GeneratorServer::start(&[
-        "--model".into(),
-        "models/e2e-small".into(),
-        "--guide".into(),
-        format!("e2e-semantic=http://127.0.0.1:{}", guide.port),
-    ])
-    .await;
+    let (_guide, generator) = dlm_tests::stack(&["e2e-semantic"], &[]).await;
     let endpoint = format!("127.0.0.1:{}", generator.port);
     let run = |extra: &[&str]| {
         let out = Command::new(venv_python())

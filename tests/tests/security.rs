@@ -186,17 +186,7 @@ async fn repository_names_cannot_leave_the_repository() {
     )
     .unwrap();
     std::os::unix::fs::symlink(outside.path().join("evil"), repo.path().join("linked")).unwrap();
-    let token = admin_token_file();
-    let guide = GuideServer::start(
-        repo.path(),
-        &[
-            "--poll-ms",
-            "0",
-            "--admin-token-file",
-            token.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let guide = GuideServer::start_admin(repo.path(), &["--poll-ms", "0"]).await;
     let mut client = guide.client().await.unwrap();
     let repo_path = repo.path().canonicalize().unwrap();
     let evil_relative = format!(

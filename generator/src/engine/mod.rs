@@ -51,7 +51,7 @@ pub struct Job {
     pub sampler: SamplerKind,
     pub seed: u64,
     pub clamp: bool,
-    pub controls: Vec<Control>,
+    pub controls: Arc<[Control]>,
     /// Per canvas position: a word id that is fixed there (START/words/END/PAD), or None.
     pub fixed: Vec<Option<u32>>,
     pub guidance: GuidanceConfig,
@@ -172,7 +172,6 @@ impl EngineHandle {
 /// A request in progress.
 struct Running {
     job: Job,
-    controls: Arc<[Control]>,
     schedule: NoiseSchedule,
     events: mpsc::UnboundedSender<Event>,
     submitted: Instant,
@@ -360,7 +359,6 @@ impl Engine {
         self.running.insert(
             id,
             Running {
-                controls: s.job.controls.clone().into(),
                 job: s.job,
                 schedule,
                 events: s.events,
@@ -525,18 +523,18 @@ impl Engine {
                 x0[j * per..(j + 1) * per].to_vec(),
             );
             let sigma = proposal.sigma[j];
-            if r.controls.is_empty() || !r.job.guidance.active(s.index) {
+            if r.job.controls.is_empty() || !r.job.guidance.active(s.index) {
                 now.push((s.id, m, x0, sigma));
                 continue;
             }
-            let key = guide_set(&r.controls);
+            let key = guide_set(&r.job.controls);
             let row = GuidedRow {
                 mean: m,
                 x0: x0.clone(),
                 sigma,
                 // The guide sees the latents at the level they move to: step index − 1.
                 t: r.schedule.timesteps[s.index.saturating_sub(1)] as i64,
-                controls: Arc::clone(&r.controls),
+                controls: Arc::clone(&r.job.controls),
                 config: r.job.guidance,
             };
             let id = s.id;
@@ -764,17 +762,21 @@ impl Engine {
                 .running
                 .get_mut(&run)
                 .expect("a finished row's request");
-            if r.controls.is_empty() {
+            if r.job.controls.is_empty() {
                 r.results[slot] = Some(text);
                 continue;
             }
-            push_grouped(&mut cohorts, guide_set(&r.controls), ((run, slot, text), x));
+            push_grouped(
+                &mut cohorts,
+                guide_set(&r.job.controls),
+                ((run, slot, text), x),
+            );
         }
         for (_, members) in cohorts {
             let (mut texts, latents): (Vec<Finished>, Vec<Vec<f32>>) = members.into_iter().unzip();
             let controls: Vec<Arc<[Control]>> = texts
                 .iter()
-                .map(|(run, _, _)| Arc::clone(&self.running[run].controls))
+                .map(|(run, _, _)| Arc::clone(&self.running[run].job.controls))
                 .collect();
             self.tasks += 1;
             let (inbox, max_rows) = (self.inbox.clone(), self.options.guide_max_rows);

@@ -99,11 +99,10 @@ pub fn draw_targets(
     let mut out = Vec::with_capacity(count);
     while out.len() < count {
         let mr = &mrs[rng.random_range(0..mrs.len())];
-        let present: Vec<&(String, String)> = mr
-            .0
-            .iter()
-            .filter(|(f, _)| FIELDS.contains(&f.as_str()))
-            .collect();
+        let present: Vec<&(String, String)> =
+            mr.0.iter()
+                .filter(|(f, _)| FIELDS.contains(&f.as_str()))
+                .collect();
         let target: Target = match fields {
             FieldCount::Some(1) => {
                 let (f, v) = &mr.0[rng.random_range(0..mr.0.len())];
@@ -187,7 +186,12 @@ mod tests {
         };
         let mrs = vec![
             mr(&[("name", "The Eagle"), ("food", "Italian")]),
-            mr(&[("name", "Aromi"), ("eatType", "pub"), ("area", "riverside"), ("near", "Café Sicilia")]),
+            mr(&[
+                ("name", "Aromi"),
+                ("eatType", "pub"),
+                ("area", "riverside"),
+                ("near", "Café Sicilia"),
+            ]),
         ];
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         for t in draw_targets(&mrs, FieldCount::Some(3), 20, &mut rng) {
@@ -201,12 +205,21 @@ mod tests {
             assert!(t.len() == 1 && t[0].0 != "name");
         }
         let results = vec![(
-            vec![("food".to_string(), "Italian".to_string()), ("area".to_string(), "riverside".to_string())],
-            vec!["an italian place by the river".to_string(), "an italian place".to_string()],
+            vec![
+                ("food".to_string(), "Italian".to_string()),
+                ("area".to_string(), "riverside".to_string()),
+            ],
+            vec![
+                "an italian place by the river".to_string(),
+                "an italian place".to_string(),
+            ],
         )];
         let r = rates(&results);
         assert_eq!((r.all_realised, r.texts), (1, 2));
-        assert_eq!(r.per_field, vec![("food".into(), 2, 2), ("area".into(), 2, 1)]);
+        assert_eq!(
+            r.per_field,
+            vec![("food".into(), 2, 2), ("area".into(), 2, 1)]
+        );
         assert!(realises_all("an italian place by the river", &results[0].0));
         assert_eq!("all".parse::<FieldCount>(), Ok(FieldCount::All));
         assert!("9".parse::<FieldCount>().is_err());

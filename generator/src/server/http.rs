@@ -77,15 +77,6 @@ fn error_response(s: tonic::Status) -> Response {
     (http_status(s.code()), Json(status_json(&s))).into_response()
 }
 
-/// The body as a `GenerateRequest`, or 400 naming what is wrong with the JSON.
-fn parse_request(body: &[u8]) -> Result<pb::GenerateRequest, Response> {
-    serde_json::from_slice(body).map_err(|e| {
-        error_response(tonic::Status::invalid_argument(format!(
-            "body is not a GenerateRequest in JSON: {e}"
-        )))
-    })
-}
-
 /// A gRPC request carrying the HTTP client's deadline (`grpc-timeout`, e.g. `5S`), if it sent one.
 fn grpc_request<T>(msg: T, headers: &HeaderMap) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
@@ -104,9 +95,13 @@ async fn generate(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    let req = match parse_request(&body) {
+    let req: pb::GenerateRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
-        Err(e) => return e,
+        Err(e) => {
+            return error_response(tonic::Status::invalid_argument(format!(
+                "body is not a GenerateRequest in JSON: {e}"
+            )))
+        }
     };
     let wants_events = headers
         .get(header::ACCEPT)

@@ -237,36 +237,7 @@ impl GeneratorService {
                 fixed[i + 1] = Some(ids[0]);
             }
         }
-        let g = r.guidance.unwrap_or_default();
-        let d = GuidanceConfig::default();
-        let guidance = GuidanceConfig {
-            steps_per_diffusion_step: g
-                .steps_per_diffusion_step
-                .map(|v| v as usize)
-                .unwrap_or(d.steps_per_diffusion_step),
-            step_size: g.step_size.unwrap_or(d.step_size),
-            update: match pb::GuidanceUpdate::try_from(g.update) {
-                Ok(pb::GuidanceUpdate::Sign) => GuidanceUpdate::Sign,
-                Ok(pb::GuidanceUpdate::Adagrad) => GuidanceUpdate::Adagrad,
-                Ok(pb::GuidanceUpdate::Normalized) => GuidanceUpdate::Normalized,
-                Ok(pb::GuidanceUpdate::Proximal) => GuidanceUpdate::Proximal,
-                Ok(pb::GuidanceUpdate::Unspecified) => d.update,
-                Err(_) => {
-                    return Err(Error::invalid(
-                        "guidance.update",
-                        format!(
-                            "unknown value {} (ADAGRAD = 1, SIGN = 2, NORMALIZED = 3, PROXIMAL = 4)",
-                            g.update
-                        ),
-                    ))
-                }
-            },
-            fluency_weight: g.fluency_weight.unwrap_or(d.fluency_weight),
-            start_step: g.start_step.map(|v| v as usize),
-            stop_step: g.stop_step.map(|v| v as usize).unwrap_or(d.stop_step),
-            satisfied_prob: g.satisfied_prob.unwrap_or(d.satisfied_prob),
-        };
-        guidance.validate()?;
+        let guidance = guidance_config(&r.guidance.unwrap_or_default())?;
         Ok(Job {
             id,
             n,
@@ -275,13 +246,48 @@ impl GeneratorService {
             sampler,
             seed: r.seed.unwrap_or_else(rand::random),
             clamp: r.clamp.unwrap_or(true),
-            controls,
+            controls: controls.into(),
             fixed,
             guidance,
             progress_every: r.progress_every.map(|v| v as usize),
             deadline,
         })
     }
+}
+
+/// Wire guidance settings → the engine's, over the defaults; unknown enum values and values out of
+/// their documented ranges are INVALID_ARGUMENT naming the field.
+pub fn guidance_config(g: &pb::Guidance) -> Result<GuidanceConfig> {
+    let d = GuidanceConfig::default();
+    let guidance = GuidanceConfig {
+        steps_per_diffusion_step: g
+            .steps_per_diffusion_step
+            .map(|v| v as usize)
+            .unwrap_or(d.steps_per_diffusion_step),
+        step_size: g.step_size.unwrap_or(d.step_size),
+        update: match pb::GuidanceUpdate::try_from(g.update) {
+            Ok(pb::GuidanceUpdate::Sign) => GuidanceUpdate::Sign,
+            Ok(pb::GuidanceUpdate::Adagrad) => GuidanceUpdate::Adagrad,
+            Ok(pb::GuidanceUpdate::Normalized) => GuidanceUpdate::Normalized,
+            Ok(pb::GuidanceUpdate::Proximal) => GuidanceUpdate::Proximal,
+            Ok(pb::GuidanceUpdate::Unspecified) => d.update,
+            Err(_) => {
+                return Err(Error::invalid(
+                    "guidance.update",
+                    format!(
+                        "unknown value {} (ADAGRAD = 1, SIGN = 2, NORMALIZED = 3, PROXIMAL = 4)",
+                        g.update
+                    ),
+                ))
+            }
+        },
+        fluency_weight: g.fluency_weight.unwrap_or(d.fluency_weight),
+        start_step: g.start_step.map(|v| v as usize),
+        stop_step: g.stop_step.map(|v| v as usize).unwrap_or(d.stop_step),
+        satisfied_prob: g.satisfied_prob.unwrap_or(d.satisfied_prob),
+    };
+    guidance.validate()?;
+    Ok(guidance)
 }
 
 /// The client's deadline (`grpc-timeout`), less [`DEADLINE_MARGIN`]; None when absent, malformed
@@ -304,12 +310,9 @@ fn deadline_of<T>(req: &Request<T>) -> Option<Instant> {
         .map(|t| t.checked_sub(DEADLINE_MARGIN).unwrap_or(t))
 }
 
-/// Counts a finished call under its outcome (the status label of the one error table).
-fn count(result: &Result<Generated>) {
-    let status = match result {
-        Ok(_) => "ok",
-        Err(e) => e.code_and_label().1,
-    };
+/// Counts a finished call under its outcome: `ok`, or its error's label in the one error table.
+fn count(error: Option<&Error>) {
+    let status = error.map_or("ok", |e| e.code_and_label().1);
     metrics::counter!("dlm_generator_requests_total", "status" => status).increment(1);
 }
 
@@ -386,7 +389,7 @@ impl Generator for GeneratorService {
                 }
             }
             .await;
-            count(&result);
+            count(result.as_ref().err());
             if let Err(e) = &result {
                 tracing::info!(error = %e, "request failed");
             }
@@ -414,9 +417,8 @@ impl Generator for GeneratorService {
         let mut events = match submitted {
             Ok(events) => events,
             Err(e) => {
-                let e = Err(e);
-                count(&e);
-                return Err(e.err().expect("an error").into());
+                count(Some(&e));
+                return Err(e.into());
             }
         };
         let stream = async_stream(move |tx| {
@@ -435,7 +437,7 @@ impl Generator for GeneratorService {
                             })),
                         }),
                         Event::Done(result) => {
-                            count(&result);
+                            count(result.as_ref().err());
                             match result {
                                 Ok(g) => Ok(pb::GenerateEvent {
                                     event: Some(pb::generate_event::Event::Result(to_wire(id, g))),
