@@ -15,7 +15,8 @@ gen=""
 trap 'kill -TERM $gen $guide 2>/dev/null || true; wait 2>/dev/null || true' EXIT
 wait_port "$guide_port"
 target/release/dlm-generator serve --model models/e2e-small --port "$gen_port" --http-port "$http_port" --metrics-port 0 \
-    --guide "e2e-semantic=http://127.0.0.1:$guide_port" --guide "e2e-names=http://127.0.0.1:$guide_port/e2e-names" &
+    --guide "e2e-semantic=http://127.0.0.1:$guide_port" --guide "e2e-names=http://127.0.0.1:$guide_port/e2e-names" \
+    --guide "e2e-pos=http://127.0.0.1:$guide_port/e2e-pos" --guide "e2e-spans=http://127.0.0.1:$guide_port/e2e-spans" &
 gen=$!
 echo "--- 3 texts steered to food=Italian, area=riverside (seed 1):"
 target/release/dlm-generator generate --endpoint "http://127.0.0.1:$gen_port" --wait-s 120 \
@@ -25,3 +26,6 @@ target/release/dlm-generator generate --endpoint "http://127.0.0.1:$gen_port" \
     --control eatType=pub --control "near=The Sorrento" --n 3 --seed 1
 echo "--- 3 texts of exactly 10 words, no control (seed 1):"
 target/release/dlm-generator generate --endpoint "http://127.0.0.1:$gen_port" --n 3 --seed 1 --length 10
+echo "--- 3 texts steered to the tags DT NN VBZ DT JJ NN IN DT NN NN . (guide e2e-pos) (seed 1):"
+target/release/dlm-generator generate --endpoint "http://127.0.0.1:$gen_port" --n 3 --seed 1 \
+    --pos "DT NN VBZ DT JJ NN IN DT NN NN ."

@@ -67,6 +67,10 @@ enum Command {
     /// Measure control through a running generator: (field, value) targets from E2E test MRs,
     /// guided and unguided on the same seeds; success per field and fluency (table on stdout).
     EvalControl(EvalControlArgs),
+    /// Measure the syntax controls through a running generator: tag sequences and constituents of
+    /// E2E test references, guided and unguided at the same lengths and seeds; success read by the
+    /// guides' labeller (guide/train/syntax_labels.py) and fluency (table on stdout).
+    EvalSyntax(EvalSyntaxArgs),
     /// Compare this device's denoiser outputs and samples with a CPU reference (`--write` makes
     /// one); exits non-zero past the tolerance. The GPU check (deploy/gpu/check.sh) runs it.
     DeviceParity(DeviceParityArgs),
@@ -184,6 +188,50 @@ struct EvalControlArgs {
     #[command(flatten)]
     guidance: GuidanceArgs,
     /// Also write every text, as JSON lines {field, value, guided, text, realised}, to this file.
+    #[arg(long, env = "DLM_TEXTS")]
+    texts: Option<PathBuf>,
+    /// The teacher LM directory (made by `train-teacher`).
+    #[arg(long, env = "DLM_TEACHER", default_value = "models/teacher-lm")]
+    teacher: PathBuf,
+}
+
+#[derive(Args)]
+struct EvalSyntaxArgs {
+    #[command(flatten)]
+    endpoint: GeneratorEndpoint,
+    #[arg(long, env = "DLM_DATA_DIR", default_value = "../shared/data/e2e")]
+    data_dir: PathBuf,
+    /// Number of targets (test references; each gives a tag sequence and one constituent).
+    #[arg(long, env = "DLM_TARGETS", default_value_t = 200)]
+    targets: usize,
+    /// The controls to measure (pos+field: the tags and one semantic field the reference says, in
+    /// one request); unguided texts of the same lengths always.
+    #[arg(long, env = "DLM_SYNTAX_CONTROLS", value_delimiter = ',', default_value = "pos,span,pos+field",
+          value_parser = ["pos", "span", "pos+field"])]
+    controls: Vec<String>,
+    #[arg(long, env = "DLM_SAMPLE_STEPS", default_value_t = 200)]
+    steps: u32,
+    /// Requests in flight at once (the engine batches them).
+    #[arg(long, env = "DLM_CONCURRENCY", default_value_t = 32)]
+    concurrency: usize,
+    #[arg(long, env = "DLM_SEED", default_value_t = 0)]
+    seed: u64,
+    /// Weight of the syntax guides' gradients.
+    #[arg(long, env = "DLM_WEIGHT")]
+    weight: Option<f32>,
+    #[command(flatten)]
+    guidance: GuidanceArgs,
+    /// The labeller (needs Debian's python3-link-grammar and liblingua-en-tagger-perl).
+    #[arg(
+        long,
+        env = "DLM_LABELLER",
+        default_value = "guide/train/syntax_labels.py"
+    )]
+    labeller: PathBuf,
+    /// The Python that runs it (the system one: it has the link grammar bindings).
+    #[arg(long, env = "DLM_LABELLER_PYTHON", default_value = "/usr/bin/python3")]
+    labeller_python: PathBuf,
+    /// Also write every text with its target and labels, as JSON lines, to this file.
     #[arg(long, env = "DLM_TEXTS")]
     texts: Option<PathBuf>,
     /// The teacher LM directory (made by `train-teacher`).
@@ -334,6 +382,14 @@ struct GenerateArgs {
     /// Weight of the guide's gradient.
     #[arg(long, env = "DLM_WEIGHT")]
     weight: Option<f32>,
+    /// Parts of speech: a Penn Treebank tag per word, space-separated ("DT NN VBZ …"; `_` = any);
+    /// sets the length. Needs a guide reading `pos.K` fields (e2e-pos).
+    #[arg(long, env = "DLM_POS")]
+    pos: Option<String>,
+    /// A constituent: START,END,LABEL over word indices from 0, END inclusive (e.g. 3,5,NP; repeat for
+    /// more). Needs a guide reading `span.*` fields (e2e-spans).
+    #[arg(long = "span", env = "DLM_SPANS", value_delimiter = ';', value_parser = parse_span)]
+    spans: Vec<dlm_proto::dlm::v1::Span>,
     #[command(flatten)]
     guidance: GuidanceArgs,
     #[arg(long, env = "DLM_N", default_value_t = 3)]
@@ -644,6 +700,7 @@ fn run(command: Command, device: DeviceChoice) -> anyhow::Result<()> {
         Command::Serve(args) => serve(args, &open()?),
         Command::Generate(args) => generate(args),
         Command::EvalControl(args) => eval_control(args),
+        Command::EvalSyntax(args) => eval_syntax(args),
         Command::DeviceParity(args) => device_parity(args, &open()?),
     }
 }
@@ -1151,6 +1208,23 @@ async fn wait_serving(
     }
 }
 
+/// `--span 3,5,NP` → a span (word indices from 0, end inclusive).
+fn parse_span(s: &str) -> Result<dlm_proto::dlm::v1::Span, String> {
+    let parts: Vec<&str> = s.split(',').map(str::trim).collect();
+    let [start, end, label] = parts[..] else {
+        return Err(format!("`{s}`: expected START,END,LABEL (e.g. 3,5,NP)"));
+    };
+    let index = |v: &str| {
+        v.parse::<u32>()
+            .map_err(|_| format!("`{v}` in `{s}` is not a word index"))
+    };
+    Ok(dlm_proto::dlm::v1::Span {
+        start: index(start)?,
+        end: index(end)?,
+        label: label.to_string(),
+    })
+}
+
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     use dlm_proto::dlm::v1 as pb;
     let rt = tokio::runtime::Runtime::new()?;
@@ -1164,11 +1238,17 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         } else {
             vec![pb::Control { guide: args.guide.clone(), targets: args.controls.clone(), weight: args.weight }]
         };
+        let syntax = (args.pos.is_some() || !args.spans.is_empty()).then(|| pb::Syntax {
+            pos: args.pos.iter().flat_map(|p| p.split_whitespace().map(String::from)).collect(),
+            spans: args.spans.clone(),
+            weight: None,
+        });
         let req = pb::GenerateRequest {
             n: args.n,
             steps: args.steps,
             seed: args.seed,
             controls,
+            syntax,
             length: args.length,
             guidance: args.guidance.to_proto(),
             best_of: args.best_of,
@@ -1193,6 +1273,222 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+fn eval_syntax(args: EvalSyntaxArgs) -> anyhow::Result<()> {
+    use dlm_generator::eval::control::realises;
+    use dlm_generator::eval::syntax::{draw_targets, label, pos_rates, span_rate, SyntaxTarget};
+    use dlm_generator::text::read_e2e;
+    use dlm_proto::dlm::v1 as pb;
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
+    let mut refs: Vec<(String, dlm_generator::text::MeaningRepresentation)> =
+        read_e2e(&args.data_dir.join(data::TEST_FILE))?
+            .into_iter()
+            .filter_map(|r| {
+                Some((
+                    dlm_generator::text::tokenizer::words(&r.text?).join(" "),
+                    r.mr,
+                ))
+            })
+            .collect();
+    refs.sort_by(|a, b| a.0.cmp(&b.0));
+    refs.dedup_by(|a, b| a.0 == b.0);
+    refs.shuffle(&mut rng);
+    refs.truncate(4 * args.targets + 100); // enough to find `targets` parsed ones
+    let texts: Vec<String> = refs.iter().map(|r| r.0.clone()).collect();
+    let labelled = label(&args.labeller_python, &args.labeller, &texts)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let max_words = rt.block_on(async {
+        let mut c = args.endpoint.client().await?;
+        let d = c.describe(pb::DescribeRequest {}).await?.into_inner();
+        anyhow::Ok(d.model.map(|m| m.seq_len as usize).unwrap_or(40) - 2)
+    })?;
+    let mrs: Vec<_> = refs.iter().map(|r| &r.1).collect();
+    let targets = draw_targets(&labelled, &mrs, max_words, args.targets, &mut rng);
+    // The arms, each a request per target at the reference's length and the same seed.
+    const ARMS: [&str; 4] = ["pos", "span", "pos+field", "unguided"];
+    let wanted = |arm: &str| arm == "unguided" || args.controls.iter().any(|c| c == arm);
+    let arms: Vec<&str> = ARMS.iter().copied().filter(|a| wanted(a)).collect();
+    let request = |arm: &str, i: usize, t: &SyntaxTarget| -> Option<pb::GenerateRequest> {
+        let mut r = pb::GenerateRequest {
+            n: 1,
+            steps: Some(args.steps),
+            seed: Some(args.seed * 1_000_003 + i as u64),
+            length: Some(t.length as u32),
+            guidance: args.guidance.to_proto(),
+            ..Default::default()
+        };
+        let tags = || pb::Syntax {
+            pos: t.pos.clone(),
+            spans: vec![],
+            weight: args.weight,
+        };
+        match arm {
+            "pos" => r.syntax = Some(tags()),
+            "span" => {
+                let s = t.span.as_ref()?;
+                r.syntax = Some(pb::Syntax {
+                    pos: vec![],
+                    spans: vec![pb::Span {
+                        start: s.start as u32,
+                        end: s.end as u32,
+                        label: s.label.clone(),
+                    }],
+                    weight: args.weight,
+                });
+            }
+            "pos+field" => {
+                let (f, v) = t.field.as_ref()?;
+                r.syntax = Some(tags());
+                r.controls = vec![pb::Control {
+                    guide: String::new(),
+                    targets: vec![format!("{f}={v}")],
+                    weight: None,
+                }];
+            }
+            _ => r.guidance = None,
+        }
+        if r.syntax.as_ref().is_some_and(|s| !s.pos.is_empty()) {
+            r.length = None; // the tags set it
+        }
+        Some(r)
+    };
+    let jobs: Vec<(usize, usize, pb::GenerateRequest)> = targets
+        .iter()
+        .enumerate()
+        .flat_map(|(i, t)| {
+            arms.iter()
+                .enumerate()
+                .filter_map(move |(k, a)| request(a, i, t).map(|r| (k, i, r)))
+        })
+        .collect();
+    let answers: Vec<(usize, usize, String)> = rt.block_on(async {
+        let client = args.endpoint.client().await?;
+        let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
+        let progress = dlm_generator::train::progress_bar(jobs.len(), true);
+        let mut tasks = Vec::new();
+        for (k, i, req) in jobs {
+            let (mut client, sem, progress) = (client.clone(), sem.clone(), progress.clone());
+            tasks.push(tokio::spawn(async move {
+                let _permit = sem.acquire().await?;
+                let resp = client
+                    .generate(req)
+                    .await
+                    .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?;
+                progress.inc(1);
+                anyhow::Ok((
+                    k,
+                    i,
+                    resp.into_inner()
+                        .samples
+                        .into_iter()
+                        .next()
+                        .map(|s| s.text)
+                        .unwrap_or_default(),
+                ))
+            }));
+        }
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await??);
+        }
+        progress.finish_and_clear();
+        anyhow::Ok(out)
+    })?;
+    let teacher = load_teacher(&args.teacher)?;
+    let judge = FluencyJudge::new(&args.data_dir, 4, &teacher)?;
+    let names = [
+        "POS: whole tag sequence as asked",
+        "POS: words tagged as asked",
+        "span: the labelled constituent present",
+        "field: the semantic target said",
+        "teacher perplexity ratio (texts ÷ E2E dev references)",
+        "repetition (word or bigram back to back)",
+        "4-gram perplexity ratio (texts ÷ E2E test references)",
+    ];
+    let mut cells: Vec<Vec<String>> = vec![vec!["–".to_string(); arms.len()]; names.len()];
+    let mut lines = String::new();
+    for (k, arm) in arms.iter().enumerate() {
+        let mine: Vec<&(usize, usize, String)> = answers.iter().filter(|a| a.0 == k).collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let strings: Vec<String> = mine.iter().map(|a| a.2.clone()).collect();
+        let got = label(&args.labeller_python, &args.labeller, &strings)?;
+        let pairs: Vec<(&SyntaxTarget, &_)> = mine
+            .iter()
+            .zip(&got)
+            .map(|(a, g)| (&targets[a.1], g))
+            .collect();
+        let (exact, per_word) = pos_rates(&pairs);
+        let said = |(t, text): (&SyntaxTarget, &String)| {
+            t.field.as_ref().is_some_and(|(f, v)| realises(text, f, v))
+        };
+        let field_rate = mine.iter().filter(|a| said((&targets[a.1], &a.2))).count() as f64
+            / mine
+                .iter()
+                .filter(|a| targets[a.1].field.is_some())
+                .count()
+                .max(1) as f64;
+        let f = judge.report(&strings)?;
+        let pct = |v: f64| format!("{:.1}%", 100.0 * v);
+        let asks = |row: &str| *arm == "unguided" || arm.split('+').any(|a| a == row);
+        if asks("pos") {
+            cells[0][k] = pct(exact);
+            cells[1][k] = pct(per_word);
+        }
+        if asks("span") {
+            cells[2][k] = pct(span_rate(&pairs));
+        }
+        if asks("field") {
+            cells[3][k] = pct(field_rate);
+        }
+        cells[4][k] = format!("{:.3}", f.teacher.ratio);
+        cells[5][k] = pct(f.samples_repetition);
+        cells[6][k] = format!("{:.2}", f.ratio);
+        for (a, g) in mine.iter().zip(&got) {
+            let t = &targets[a.1];
+            lines.push_str(&serde_json::json!({
+                "arm": arm, "text": a.2, "reference": t.reference,
+                "target_pos": t.pos, "target_span": t.span.as_ref().map(|s| (s.start, s.end, &s.label)),
+                "target_field": t.field, "pos": g.pos, "spans": g.spans,
+                "pos_exact": g.pos == t.pos, "span_present": t.span.as_ref().is_some_and(|s| g.has_span(s)),
+            }).to_string());
+            lines.push('\n');
+        }
+    }
+    if let Some(path) = &args.texts {
+        std::fs::write(path, lines).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let header: Vec<String> = arms
+        .iter()
+        .map(|a| {
+            if *a == "unguided" {
+                "unguided, same lengths".to_string()
+            } else {
+                format!("{a}-guided")
+            }
+        })
+        .collect();
+    let mut table = format!(
+        "| measure | {} |\n|---|{}\n",
+        header.join(" | "),
+        "---:|".repeat(arms.len())
+    );
+    for (name, row) in names.iter().zip(&cells) {
+        table.push_str(&format!("| {name} | {} |\n", row.join(" | ")));
+    }
+    table.push_str(&format!(
+        "\n{} targets from E2E test references (labels: {}), {} sampling steps, one text each; the \
+         field of pos+field is one its reference says (not name or near).\n",
+        targets.len(),
+        args.labeller.display(),
+        args.steps
+    ));
+    print!("{table}");
+    Ok(())
 }
 
 fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {

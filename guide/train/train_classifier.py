@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import pathlib
+import subprocess
 import sys
 import time
 
@@ -87,8 +88,7 @@ class Realisation:
         self.phrase_words: dict[str, list[str]] = {}
 
     def words(self, text: str) -> list[str]:
-        normalized = self.tok.normalizer.normalize_str(text)
-        return [w for w, _ in self.tok.pre_tokenizer.pre_tokenize_str(normalized)]
+        return words_of(self.tok, text)
 
     def phrase(self, phrase: str) -> list[str]:
         if phrase not in self.phrase_words:
@@ -100,6 +100,11 @@ class Realisation:
         said = any(contains_seq(text_words, self.phrase(p)) for p in phrases)
         other = self.table["unless"].get(field, {}).get(value)
         return said and not (other is not None and self.realises(text_words, field, other))
+
+
+def words_of(tok: Tokenizer, text: str) -> list[str]:
+    """The generator's words for a text: its tokenizer's normalizer and pre-tokenizer."""
+    return [w for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text))]
 
 
 def replace_seq(hay: list[str], needle: list[str], by: list[str]) -> list[str] | None:
@@ -150,7 +155,7 @@ def encode(tok: Tokenizer, text: str, seq_len: int) -> list[int] | None:
 
 # ---------------------------------------------------------------- classifier
 
-def init_params(key, d, h, layers, seq_len, n_out):
+def init_params(key, d, h, layers, seq_len, n_out, task="semantic"):
     def dense(key, i, o):
         return {"w": jax.random.normal(key, (i, o)) * (1.0 / math.sqrt(i)), "b": jnp.zeros(o)}
     keys = iter(jax.random.split(key, 8 + 8 * layers))
@@ -163,6 +168,9 @@ def init_params(key, d, h, layers, seq_len, n_out):
         "head": dense(next(keys), h, n_out),
         "layers": [],
     }
+    if task == "span":
+        # [mean over the span, its first word, its last word] -> H
+        p["span"] = dense(next(keys), 3 * h, h)
     for _ in range(layers):
         p["layers"].append({
             "ln1": {"g": jnp.ones(h), "b": jnp.zeros(h)},
@@ -180,8 +188,8 @@ def layer_norm(x, p):
     return (x - mean) / jnp.sqrt(var + 1e-5) * p["g"] + p["b"]
 
 
-def logits_fn(p, latents, timesteps, heads):
-    """Per-field logits, concatenated [B, sum(n_f)]. Dense layers run on flattened [B·L, H] rows and
+def hidden_fn(p, latents, timesteps, heads):
+    """The encoder's last hidden states [B, L, H]. Dense layers run on flattened [B·L, H] rows and
     attention is a 4-D dot_general: the shapes ONNX Runtime runs fastest (FINDINGS)."""
     b, l, d = latents.shape
     h = p["inp"]["w"].shape[1]
@@ -206,21 +214,162 @@ def logits_fn(p, latents, timesteps, heads):
         x = x + c @ lp["o"]["w"] + lp["o"]["b"]
         y = layer_norm(x, lp["ln2"])
         x = x + jax.nn.gelu(y @ lp["f1"]["w"] + lp["f1"]["b"], approximate=False) @ lp["f2"]["w"] + lp["f2"]["b"]
-    pooled = jnp.mean(layer_norm(x, p["ln_f"]).reshape(b, l, h), axis=1)
-    return pooled @ p["head"]["w"] + p["head"]["b"]
+    return layer_norm(x, p["ln_f"]).reshape(b, l, h)
+
+
+def picked(lsm, target):
+    """lsm[..., target] (0 where target < 0) by a one-hot mask: take_along_axis does not export (its
+    backward is a scatter)."""
+    onehot = (target[..., None] == jnp.arange(lsm.shape[-1])).astype(lsm.dtype)
+    return jnp.sum(lsm * onehot, axis=-1) * (target >= 0).astype(lsm.dtype)
+
+
+def logits_fn(p, hidden, targets, task, n_fields):
+    """The task's logits from the hidden states:
+    semantic [B, sum(n_f)] (mean-pooled); pos [B, F, tags] (word k sits at canvas position k + 1, after
+    [START]); span [B, labels] for the span targets[:, 0]..targets[:, 1] (inclusive word indices)."""
+    b, l, h = hidden.shape
+    if task == "semantic":
+        return jnp.mean(hidden, axis=1) @ p["head"]["w"] + p["head"]["b"]
+    if task == "pos":
+        words = hidden[:, 1:1 + n_fields].reshape(b * n_fields, h)
+        return (words @ p["head"]["w"] + p["head"]["b"]).reshape(b, n_fields, -1)
+    canvas = jnp.arange(l)[None, :]
+    first, last = targets[:, 0:1] + 1, targets[:, 1:2] + 1
+    inside = ((canvas >= first) & (canvas <= last)).astype(hidden.dtype)[:, :, None]
+    mean = jnp.sum(hidden * inside, axis=1) / jnp.maximum(jnp.sum(inside, axis=1), 1.0)
+    at_first = jnp.sum(hidden * (canvas == first).astype(hidden.dtype)[:, :, None], axis=1)
+    at_last = jnp.sum(hidden * (canvas == last).astype(hidden.dtype)[:, :, None], axis=1)
+    rep = jax.nn.gelu(jnp.concatenate([mean, at_first, at_last], -1) @ p["span"]["w"] + p["span"]["b"], approximate=False)
+    return rep @ p["head"]["w"] + p["head"]["b"]
+
+
+def task_log_probs(p, latents, timesteps, targets, heads, task, sizes):
+    """log p(c | x_t, t) per constrained field [B, F'] (0 where a target is -1 = free)."""
+    logits = logits_fn(p, hidden_fn(p, latents, timesteps, heads), targets, task, len(sizes))
+    if task == "semantic":
+        return field_log_probs(logits, targets, sizes)
+    if task == "pos":
+        return picked(jax.nn.log_softmax(logits, axis=-1), targets)
+    # span: the label's log p, for a span whose three targets are all given
+    given = (targets[:, 0] >= 0) & (targets[:, 1] >= targets[:, 0])
+    return picked(jax.nn.log_softmax(logits, axis=-1), jnp.where(given, targets[:, 2], -1))[:, None]
 
 
 def field_log_probs(logits, targets, sizes):
-    """log p(c_f = targets_f | x) per field [B, F], 0 where targets_f < 0 (unconstrained). The target
-    is picked with a one-hot mask (take_along_axis does not export: its backward is a scatter)."""
+    """log p(c_f = targets_f | x) per field [B, F], 0 where targets_f < 0 (unconstrained)."""
     out, start = [], 0
     for f, n in enumerate(sizes):
-        lsm = jax.nn.log_softmax(logits[:, start:start + n], axis=-1)
-        tf = targets[:, f]
-        onehot = (tf[:, None] == jnp.arange(n)[None, :]).astype(lsm.dtype)
-        out.append(jnp.sum(lsm * onehot, axis=-1) * (tf >= 0).astype(lsm.dtype))
+        out.append(picked(jax.nn.log_softmax(logits[:, start:start + n], axis=-1), targets[:, f]))
         start += n
     return jnp.stack(out, axis=1)
+
+
+# ---------------------------------------------------------------- syntax tasks
+
+SYNTAX_LABELER = pathlib.Path(__file__).resolve().parent / "syntax_labels.py"
+SYSTEM_PYTHON = "/usr/bin/python3"  # the link grammar bindings are Debian's
+NONE_LABEL = "none"  # a span that is no constituent
+
+
+class SyntaxData:
+    """Targets for the pos and span tasks: the references' words labelled by syntax_labels.py (POS tags,
+    constituent spans), cached under `cache` by the texts and the tools' versions."""
+
+    def __init__(self, task: str, tok: Tokenizer, seq_len: int, cache: pathlib.Path, min_label_count: int = 20):
+        self.task, self.tok, self.seq_len, self.cache = task, tok, seq_len, cache
+        self.max_words = seq_len - 2  # [START] words [END]
+        self.min_label_count = min_label_count
+        self.tags: list[str] = []
+        self.span_labels: list[str] = []
+        versions = json.loads(subprocess.run([SYSTEM_PYTHON, str(SYNTAX_LABELER), "--versions"], check=True,
+                                             capture_output=True, text=True).stdout)
+        if "missing" in versions.values():
+            raise SystemExit(f"error: the syntax labellers are not installed ({versions}); run deploy/setup.sh --train")
+        self.provenance = {"labeller": "guide/train/syntax_labels.py", "debian_packages": versions}
+
+    def labels(self, texts: list[list[str]]) -> list[dict]:
+        lines = "".join(" ".join(w) + "\n" for w in texts)
+        # Keyed by the texts, the tools' versions and the labeller's own code.
+        key = hashlib.sha256((self.task + json.dumps(self.provenance) + SYNTAX_LABELER.read_text() + lines).encode()).hexdigest()[:16]
+        path = self.cache / f"{self.task}-{key}.jsonl"
+        if not path.exists():
+            self.cache.mkdir(parents=True, exist_ok=True)
+            (self.cache / f"{key}.txt").write_text(lines, encoding="utf-8")
+            print(f"labelling {len(texts)} texts into {path}", file=sys.stderr)
+            cmd = [SYSTEM_PYTHON, str(SYNTAX_LABELER), "--input", str(self.cache / f"{key}.txt"), "--output", f"{path}.part"]
+            subprocess.run(cmd + (["--no-spans"] if self.task == "pos" else []), check=True)
+            pathlib.Path(f"{path}.part").rename(path)
+        return [json.loads(line) for line in path.open(encoding="utf-8")]
+
+    def dataset(self, refs: list[str], fit: bool = False):
+        """(ids [N, L], targets): tag ids [N, max_words] (-1 past the text) for pos; for span, per text
+        (its word count, its constituents {(i, j): label id}). `fit` fixes the label sets from these texts."""
+        kept = [(e, words_of(self.tok, r)) for r in refs if (e := encode(self.tok, r, self.seq_len)) is not None]
+        rows = self.labels([w for _, w in kept])
+        if self.task == "pos":
+            if fit:
+                self.tags = sorted({t for r in rows for t in r["pos"]})
+            y = np.full((len(rows), self.max_words), -1, np.int32)
+            for i, r in enumerate(rows):
+                for k, tag in enumerate(r["pos"]):
+                    y[i, k] = self.tags.index(tag) if tag in self.tags else -1
+            return np.array([e for e, _ in kept], np.int32), y
+        keep = [i for i, r in enumerate(rows) if r["spans"]]
+        if fit:
+            counts = {}
+            for i in keep:
+                for *_, label in rows[i]["spans"]:
+                    counts[label] = counts.get(label, 0) + 1
+            self.span_labels = sorted(k for k, c in counts.items() if c >= self.min_label_count) + [NONE_LABEL]
+        y = []
+        for i in keep:
+            # Same-extent constituents (S over VP, NP over NP): the outermost, listed last, wins.
+            spans = {(a, b): self.span_labels.index(lab) for a, b, lab in rows[i]["spans"] if lab in self.span_labels}
+            y.append((len(rows[i]["words"]), spans))
+        return np.array([kept[i][0] for i in keep], np.int32), y
+
+    def draw_spans(self, idx, y, rng) -> np.ndarray:
+        """One (i, j, label) per row: half the time one of its constituents, else a span drawn uniformly
+        (labelled `none` unless it is a constituent)."""
+        out = np.zeros((len(idx), 3), np.int32)
+        none = self.span_labels.index(NONE_LABEL)
+        for r, k in enumerate(idx):
+            n, spans = y[k]
+            if spans and rng.random() < 0.5:
+                (i, j), label = list(spans.items())[rng.integers(len(spans))]
+            else:
+                i = int(rng.integers(n))
+                j = int(rng.integers(i, n))
+                label = spans.get((i, j), none)
+            out[r] = (i, j, label)
+        return out
+
+    def card_fields(self) -> list[dict]:
+        if self.task == "pos":
+            return [{"name": f"pos.{k}", "values": self.tags} for k in range(self.max_words)]
+        positions = [str(k) for k in range(self.max_words)]
+        return [{"name": "span.start", "values": positions}, {"name": "span.end", "values": positions},
+                {"name": "span.label", "values": self.span_labels}]
+
+
+def accuracy_counts(task, logits, y, fields, sizes, syntax) -> dict[str, tuple[int, int]]:
+    """(correct, total) per reported accuracy for one dev batch."""
+    if task == "semantic":
+        out, start = {}, 0
+        for f, size in enumerate(sizes):
+            out[fields[f]] = (int(np.sum(np.argmax(logits[:, start:start + size], -1) == y[:, f])), len(y))
+            start += size
+        return out
+    if task == "pos":
+        pred, given = np.argmax(logits, -1), y >= 0
+        right = (pred == y) & given
+        return {"tag (per word)": (int(right.sum()), int(given.sum())),
+                "whole sequence": (int(np.all(right | ~given, axis=1).sum()), len(y))}
+    pred = np.argmax(logits, -1)
+    constituent = y[:, 2] != syntax.span_labels.index(NONE_LABEL)
+    return {"label of a drawn span (incl. none)": (int(np.sum(pred == y[:, 2])), len(y)),
+            "label of a constituent": (int(np.sum((pred == y[:, 2]) & constituent)), int(constituent.sum()))}
 
 
 # ---------------------------------------------------------------- main
@@ -256,6 +405,12 @@ def main() -> int:
                     help="the fields this guide reads, comma-separated (default: all 8) [DLM_FIELDS]")
     ap.add_argument("--phrases", default=env("DLM_PHRASES", str(MEASURE_PHRASES)),
                     help="phrase table that decides what a text says (default: the control measure's) [DLM_PHRASES]")
+    ap.add_argument("--task", choices=["semantic", "pos", "span"], default=env("DLM_TASK", "semantic"),
+                    help="semantic: the MR fields a text says; pos: a Penn Treebank tag per word (fields pos.0, "
+                         "pos.1, ...); span: the constituent label of a word span (fields span.start, span.end, "
+                         "span.label). pos and span labels come from guide/train/syntax_labels.py [DLM_TASK]")
+    ap.add_argument("--labels-cache", default=env("DLM_LABELS_CACHE", ".cache/syntax-labels"),
+                    help="where the syntax labels of the references are kept between runs [DLM_LABELS_CACHE]")
     ap.add_argument("--opset", type=int, default=int(env("DLM_OPSET", "21")), help="ONNX opset [DLM_OPSET]")
     ap.add_argument("--seed", type=int, default=int(env("DLM_SEED", "0")), help="[DLM_SEED]")
     args = ap.parse_args()
@@ -315,8 +470,17 @@ def main() -> int:
             labels.append([values[f].index(mr[f]) if mr.get(f) in values[f] else values[f].index(ABSENT) for f in fields])
         return np.array(ids, np.int32), np.array(labels, np.int32)
 
-    train_ids, train_y = dataset(train, args.swap_names)
-    dev_ids, dev_y = dataset(dev)
+    if args.task == "semantic":
+        train_ids, train_y = dataset(train, args.swap_names)
+        dev_ids, dev_y = dataset(dev)
+        card_fields = [{"name": f, "values": values[f]} for f in fields]
+    else:
+        syntax = SyntaxData(args.task, tok, seq_len, pathlib.Path(args.labels_cache))
+        train_ids, train_y = syntax.dataset([ref for _, ref in train], fit=True)
+        dev_ids, dev_y = syntax.dataset([ref for _, ref in dev])
+        card_fields = syntax.card_fields()
+        sizes = [len(f["values"]) for f in card_fields]
+        fields = [f["name"] for f in card_fields]
     print(f"train {len(train_ids)} / dev {len(dev_ids)} sequences, L={seq_len}, D={d}, T={steps_t}", file=sys.stderr)
 
     rng = np.random.default_rng(args.seed)
@@ -327,11 +491,12 @@ def main() -> int:
         a = abar[t][:, None, None]
         return np.sqrt(a) * x0 + np.sqrt(1 - a) * rng.standard_normal(x0.shape, dtype=np.float32)
 
-    params = init_params(jax.random.PRNGKey(args.seed), d, args.hidden, args.layers, seq_len, sum(sizes))
-    heads = args.heads
+    n_out = {"semantic": sum(sizes), "pos": sizes[0], "span": sizes[-1]}[args.task]
+    params = init_params(jax.random.PRNGKey(args.seed), d, args.hidden, args.layers, seq_len, n_out, args.task)
+    heads, task = args.heads, args.task
 
     def loss_fn(p, x, t, y):
-        return -jnp.mean(jnp.sum(field_log_probs(logits_fn(p, x, t, heads), y, sizes), axis=1))
+        return -jnp.mean(jnp.sum(task_log_probs(p, x, t, y, heads, task, sizes), axis=1))
 
     @jax.jit
     def train_step(p, m, v, i, x, t, y):
@@ -344,41 +509,46 @@ def main() -> int:
         p = jax.tree.map(lambda w, a, b: w - lr * (a / bc1) / (jnp.sqrt(b / bc2) + 1e-8), p, m, v)
         return p, m, v, loss
 
+    def targets_for(y, idx, draw_rng):
+        """The targets of rows idx (a span task draws one span per row: a constituent or not)."""
+        return y[idx] if task != "span" else syntax.draw_spans(idx, y, draw_rng)
+
     m = jax.tree.map(jnp.zeros_like, params)
     v = jax.tree.map(jnp.zeros_like, params)
     started = time.time()
     for i in range(args.steps):
         idx = rng.integers(0, len(train_ids), args.batch_size)
         t = np.minimum((steps_t * rng.random(args.batch_size) ** args.t_power).astype(np.int64), steps_t - 1)
-        params, m, v, loss = train_step(params, m, v, i, noisy(train_ids[idx], t), t.astype(np.int32), train_y[idx])
+        y = targets_for(train_y, idx, rng)
+        params, m, v, loss = train_step(params, m, v, i, noisy(train_ids[idx], t), t.astype(np.int32), y)
         if (i + 1) % 100 == 0 or i + 1 == args.steps:
             rate = (i + 1) / (time.time() - started)
             eta = (args.steps - i - 1) / rate
             print(f"\rstep {i + 1}/{args.steps} loss {float(loss):.4f} {rate:.1f} steps/s eta {eta:.0f}s", end="", file=sys.stderr)
     print(file=sys.stderr)
 
-    # Dev accuracy per field and per timestep range.
-    predict = jax.jit(lambda x, t: logits_fn(params, x, t, heads))
+    # Dev accuracy per timestep range: per field (semantic), per word and per whole tag sequence (pos),
+    # per drawn span and per constituent (span).
+    predict = jax.jit(lambda x, t, y: logits_fn(params, hidden_fn(params, x, t, heads), y, task, len(sizes)))
     bins = [(0, steps_t // 20), (0, steps_t // 4), (steps_t // 4, steps_t // 2), (steps_t // 2, 3 * steps_t // 4), (3 * steps_t // 4, steps_t)]
     accuracy = {}
+    dev_rng = np.random.default_rng(args.seed + 2)
+    dev_targets = targets_for(dev_y, np.arange(len(dev_ids)), dev_rng)
     for lo, hi in bins:
-        correct = np.zeros(len(fields))
-        n = 0
+        correct, n = {}, {}
         for s in range(0, len(dev_ids), 256):
-            ids = dev_ids[s:s + 256]
+            ids, y = dev_ids[s:s + 256], dev_targets[s:s + 256]
             t = rng.integers(lo, hi, len(ids))
-            logits = np.asarray(predict(noisy(ids, t), t.astype(np.int32)))
-            start = 0
-            for f, size in enumerate(sizes):
-                correct[f] += np.sum(np.argmax(logits[:, start:start + size], -1) == dev_y[s:s + 256, f])
-                start += size
-            n += len(ids)
-        accuracy[f"{lo}-{hi - 1}"] = {f: float(c / n) for f, c in zip(fields, correct)}
+            logits = np.asarray(predict(noisy(ids, t), t.astype(np.int32), y))
+            for name, (c, k) in accuracy_counts(task, logits, y, fields, sizes, syntax if task != "semantic" else None).items():
+                correct[name] = correct.get(name, 0) + c
+                n[name] = n.get(name, 0) + k
+        accuracy[f"{lo}-{hi - 1}"] = {name: float(correct[name] / max(n[name], 1)) for name in correct}
 
     # Export (latents, timesteps, targets) -> (log_prob, grad).
     def guide_fn(latents, timesteps, targets):
         def total(x):
-            lp = jnp.sum(field_log_probs(logits_fn(params, x, timesteps, heads), targets, sizes), axis=1)
+            lp = jnp.sum(task_log_probs(params, x, timesteps, targets, heads, task, sizes), axis=1)
             return jnp.sum(lp), lp
         (_, lp), grad = jax.value_and_grad(total, has_aux=True)(latents)
         return lp, grad
@@ -394,7 +564,7 @@ def main() -> int:
                              output_names=["log_prob", "grad"])
     model = int64_inputs(model, {"timesteps_i32": "timesteps", "targets_i32": "targets"})
     card = {
-        "fields": [{"name": f, "values": values[f]} for f in fields],
+        "fields": card_fields,
         "embedding_sha256": embedding_fingerprint(embedding),
         "diffusion_steps": steps_t,
         "schedule": cfg["schedule"],
@@ -416,8 +586,11 @@ def main() -> int:
         ids = dev_ids[:bs]
         t = rng.integers(0, steps_t, bs)
         x = noisy(ids, t).astype(np.float32)
-        tg = dev_y[:bs].astype(np.int64)
-        tg[:, ::2] = -1  # half the fields unconstrained
+        tg = dev_targets[:bs].astype(np.int64)
+        if task != "span":
+            tg[:, ::2] = -1  # half the fields unconstrained
+        else:
+            tg[0, 2] = -1  # one span free
         lp_ort, g_ort = sess.run(["log_prob", "grad"], {"latents": x, "timesteps": t.astype(np.int64), "targets": tg})
         lp_jax, g_jax = guide_fn(x, t.astype(np.int32), tg.astype(np.int32))
         rel = float(np.linalg.norm(g_ort - np.asarray(g_jax)) / max(np.linalg.norm(np.asarray(g_jax)), 1e-12))
@@ -427,9 +600,11 @@ def main() -> int:
         print("error: ONNX Runtime disagrees with JAX", file=sys.stderr)
         return 1
 
-    report = {"accuracy_by_timestep": accuracy, "labels": args.labels, "swap_names": args.swap_names, "swap_fields": args.swap_fields,
+    report = {"task": task, "accuracy_by_timestep": accuracy, "labels": args.labels, "swap_names": args.swap_names, "swap_fields": args.swap_fields,
               "ort_vs_jax": worst, "steps": args.steps,
               "generator": str(gen), "command": " ".join(sys.argv)}
+    if task != "semantic":
+        report["labels"] = syntax.provenance
     (out / "metrics.json").write_text(json.dumps(report, indent=1) + "\n")
     write_readme(out, report, card)
     print(json.dumps(report, indent=1))
@@ -440,22 +615,31 @@ def write_readme(out: pathlib.Path, report: dict, card: dict) -> None:
     """README.md beside the model: dev-set accuracy per field and timestep range, and the command."""
     acc = report["accuracy_by_timestep"]
     ranges = list(acc)
-    lines = [
-        f"# Guide `{out.parent.name}` version {out.name}",
-        "",
-        f"p(field = value | x_t, t) for the {len(card['fields'])} E2E meaning-representation fields (each a",
-        "categorical over its values plus `absent`), on noisy latents of the generator embedding with sha256",
-        f"`{card['embedding_sha256']}` (T = {card['diffusion_steps']}, {card['schedule']} schedule, L = {card['seq_len']}, D = {card['embed_dim']}).",
-        "",
-        "Dev-set accuracy (E2E devset.csv references, timesteps drawn uniformly within each range; labels:",
-        "the values the text says)" if report.get("labels") == "text" else "the meaning representation's values):",
-        "",
-        "| field | values | " + " | ".join(f"t ∈ [{r}]" for r in ranges) + " |",
-        "|---|---:|" + "---:|" * len(ranges),
-    ]
-    for f in card["fields"]:
-        cells = " | ".join(f"{100 * acc[r][f['name']]:.1f}%" for r in ranges)
-        lines.append(f"| {f['name']} | {len(f['values'])} | {cells} |")
+    sha = card["embedding_sha256"]
+    trained_for = (f"on noisy latents of the generator embedding with sha256 `{sha}` (T = {card['diffusion_steps']}, "
+                   f"{card['schedule']} schedule, L = {card['seq_len']}, D = {card['embed_dim']}).")
+    task = report.get("task", "semantic")
+    if task == "semantic":
+        intro = [f"p(field = value | x_t, t) for the {len(card['fields'])} E2E meaning-representation fields (each a",
+                 f"categorical over its values plus `absent`), {trained_for}", "",
+                 "Dev-set accuracy (E2E devset.csv references, timesteps drawn uniformly within each range; labels:",
+                 "the values the text says)" if report.get("labels") == "text" else "the meaning representation's values):"]
+        rows = [(f["name"], len(f["values"])) for f in card["fields"]]
+    else:
+        what = ("p(tag of word k | x_t, t), a Penn Treebank tag per word (fields pos.0 … pos.N)" if task == "pos" else
+                "p(label | x_t, t, span), the constituent label (or `none`) of the word span span.start … span.end")
+        labels = card["fields"][0 if task == "pos" else 2]["values"]
+        tools = ", ".join(f"{k} {v}" for k, v in report["labels"]["debian_packages"].items())
+        intro = [f"{what}, {trained_for}", "", f"Labels ({len(labels)}): {' '.join(labels)}.",
+                 f"Labelled by guide/train/syntax_labels.py with Debian {tools}.", "",
+                 "Dev-set accuracy (E2E devset.csv references, timesteps drawn uniformly within each range):"]
+        rows = [(name, len(labels)) for name in acc[ranges[0]]]
+    lines = [f"# Guide `{out.parent.name}` version {out.name}", "", *intro, "",
+             "| measure | classes | " + " | ".join(f"t ∈ [{r}]" for r in ranges) + " |",
+             "|---|---:|" + "---:|" * len(ranges)]
+    for name, classes in rows:
+        cells = " | ".join(f"{100 * acc[r][name]:.1f}%" for r in ranges)
+        lines.append(f"| {name} | {classes} | {cells} |")
     lines += [
         "",
         f"ONNX Runtime vs JAX (log p and gradient, B = 1, 3, 16): worst difference {report['ort_vs_jax']:.1e}.",

@@ -57,7 +57,9 @@ assert m["runtime"] == "kserve-tritonserver" and m["modelFormat"]["name"] == "tr
 assert m["protocolVersion"] == "grpc-v2", m
 assert any(p["name"] == "h2c" and p["containerPort"] == 9000 for p in m["ports"]), m
 assert "--grpc-port=9000" in m["args"], m
-for g in ["e2e-semantic", "e2e-names"]:
+guides = sorted(p.name for p in pathlib.Path("models/guides").iterdir() if p.is_dir())
+assert {"e2e-semantic", "e2e-names", "e2e-pos", "e2e-spans"} <= set(guides), guides
+for g in guides:
     cfg = pathlib.Path(f"models/guides/{g}/config.pbtxt").read_text()
     assert f'name: "{g}"' in cfg and 'backend: "onnxruntime"' in cfg and "max_batch_size: 0" in cfg, g
 print("ok")

@@ -57,9 +57,11 @@ class Client:
                 weight: Optional[float] = None, steps: Optional[int] = None,
                 seed: Optional[int] = None, length: Optional[int] = None,
                 template: Optional[Sequence[str]] = None, best_of: Optional[int] = None,
-                progress_every: Optional[int] = None) -> pb.GenerateRequest:
+                progress_every: Optional[int] = None, pos: Optional[Union[str, Sequence[str]]] = None,
+                spans: Optional[Sequence[tuple[int, int, str]]] = None) -> pb.GenerateRequest:
         """A GenerateRequest: `controls` as {"food": "Italian"} or ["food=Italian"]; `template`
-        as words with "_" for blanks."""
+        as words with "_" for blanks; `pos` as "DT NN VBZ …" (a tag per word, "_" = any) and
+        `spans` as [(start, end, "NP")] (word indices from 0, end inclusive) for the syntax guides."""
         r = pb.GenerateRequest(n=n)
         targets = _targets(controls)
         if targets:
@@ -72,6 +74,10 @@ class Client:
                 setattr(r, name, value)
         if template:
             r.infill.template.extend(template)
+        if pos:
+            r.syntax.pos.extend(pos.split() if isinstance(pos, str) else pos)
+        for start, end, label in spans or []:
+            r.syntax.spans.add(start=start, end=end, label=label)
         return r
 
     def _call(self, method, req, timeout):

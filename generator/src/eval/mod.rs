@@ -5,5 +5,6 @@ pub mod device_parity;
 pub mod fluency;
 pub mod repetition;
 pub mod report;
+pub mod syntax;
 
 pub use fluency::{KneserNey, Perplexity};

@@ -83,6 +83,14 @@ impl RegisteredGuide {
         out
     }
 
+    /// The values field `field` takes, if this guide reads it.
+    pub fn values(&self, field: &str) -> Option<&[String]> {
+        self.fields
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(field.trim()))
+            .map(|(_, v)| v.as_slice())
+    }
+
     pub fn reads(&self, field: &str) -> bool {
         self.fields
             .iter()

@@ -3,6 +3,7 @@
 //! [`http`] serves the same methods as HTTP/JSON (and the playground page).
 
 pub mod http;
+mod syntax;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -186,16 +187,31 @@ impl GeneratorService {
                 ));
             }
         }
-        // Canvas: START w1..wK END PAD…; length and infilling fix positions.
         let l = cfg.seq_len;
+        let mut length = r.length.map(|k| k as usize);
+        if let Some(s) = &r.syntax {
+            let (more, fixed_length) = syntax::syntax_controls(&self.guides, s, length, l - 2)?;
+            controls.extend(more);
+            length = fixed_length;
+            if controls.len() > lim.max_controls {
+                return Err(Error::invalid(
+                    "syntax.spans",
+                    format!(
+                        "the request has {} controls with its spans; at most {}",
+                        controls.len(),
+                        lim.max_controls
+                    ),
+                ));
+            }
+        }
+        // Canvas: START w1..wK END PAD…; length and infilling fix positions.
         let mut fixed: Vec<Option<u32>> = vec![None; l];
         let template = r
             .infill
             .as_ref()
             .map(|i| i.template.as_slice())
             .unwrap_or(&[]);
-        if let Some(k) = r.length {
-            let k = k as usize;
+        if let Some(k) = length {
             if k == 0 || k + 2 > l {
                 return Err(Error::invalid(
                     "length",

@@ -20,6 +20,7 @@ class GuidanceUpdate(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     GUIDANCE_UPDATE_ADAGRAD: _ClassVar[GuidanceUpdate]
     GUIDANCE_UPDATE_SIGN: _ClassVar[GuidanceUpdate]
     GUIDANCE_UPDATE_NORMALIZED: _ClassVar[GuidanceUpdate]
+    GUIDANCE_UPDATE_PROXIMAL: _ClassVar[GuidanceUpdate]
 SAMPLER_UNSPECIFIED: Sampler
 SAMPLER_DDPM: Sampler
 SAMPLER_DDIM: Sampler
@@ -27,6 +28,7 @@ GUIDANCE_UPDATE_UNSPECIFIED: GuidanceUpdate
 GUIDANCE_UPDATE_ADAGRAD: GuidanceUpdate
 GUIDANCE_UPDATE_SIGN: GuidanceUpdate
 GUIDANCE_UPDATE_NORMALIZED: GuidanceUpdate
+GUIDANCE_UPDATE_PROXIMAL: GuidanceUpdate
 
 class SetGuideRequest(_message.Message):
     __slots__ = ("name", "url", "card_json")
@@ -64,6 +66,26 @@ class Infill(_message.Message):
     template: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, template: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class Syntax(_message.Message):
+    __slots__ = ("pos", "spans", "weight")
+    POS_FIELD_NUMBER: _ClassVar[int]
+    SPANS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    pos: _containers.RepeatedScalarFieldContainer[str]
+    spans: _containers.RepeatedCompositeFieldContainer[Span]
+    weight: float
+    def __init__(self, pos: _Optional[_Iterable[str]] = ..., spans: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., weight: _Optional[float] = ...) -> None: ...
+
+class Span(_message.Message):
+    __slots__ = ("start", "end", "label")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    end: int
+    label: str
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., label: _Optional[str] = ...) -> None: ...
+
 class Guidance(_message.Message):
     __slots__ = ("steps_per_diffusion_step", "step_size", "update", "fluency_weight", "start_step", "stop_step", "satisfied_prob")
     STEPS_PER_DIFFUSION_STEP_FIELD_NUMBER: _ClassVar[int]
@@ -83,7 +105,7 @@ class Guidance(_message.Message):
     def __init__(self, steps_per_diffusion_step: _Optional[int] = ..., step_size: _Optional[float] = ..., update: _Optional[_Union[GuidanceUpdate, str]] = ..., fluency_weight: _Optional[float] = ..., start_step: _Optional[int] = ..., stop_step: _Optional[int] = ..., satisfied_prob: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("n", "steps", "sampler", "seed", "clamp", "controls", "length", "infill", "guidance", "progress_every", "best_of")
+    __slots__ = ("n", "steps", "sampler", "seed", "clamp", "controls", "length", "infill", "guidance", "progress_every", "best_of", "syntax")
     N_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     SAMPLER_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +117,7 @@ class GenerateRequest(_message.Message):
     GUIDANCE_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_EVERY_FIELD_NUMBER: _ClassVar[int]
     BEST_OF_FIELD_NUMBER: _ClassVar[int]
+    SYNTAX_FIELD_NUMBER: _ClassVar[int]
     n: int
     steps: int
     sampler: Sampler
@@ -106,7 +129,8 @@ class GenerateRequest(_message.Message):
     guidance: Guidance
     progress_every: int
     best_of: int
-    def __init__(self, n: _Optional[int] = ..., steps: _Optional[int] = ..., sampler: _Optional[_Union[Sampler, str]] = ..., seed: _Optional[int] = ..., clamp: bool = ..., controls: _Optional[_Iterable[_Union[Control, _Mapping]]] = ..., length: _Optional[int] = ..., infill: _Optional[_Union[Infill, _Mapping]] = ..., guidance: _Optional[_Union[Guidance, _Mapping]] = ..., progress_every: _Optional[int] = ..., best_of: _Optional[int] = ...) -> None: ...
+    syntax: Syntax
+    def __init__(self, n: _Optional[int] = ..., steps: _Optional[int] = ..., sampler: _Optional[_Union[Sampler, str]] = ..., seed: _Optional[int] = ..., clamp: bool = ..., controls: _Optional[_Iterable[_Union[Control, _Mapping]]] = ..., length: _Optional[int] = ..., infill: _Optional[_Union[Infill, _Mapping]] = ..., guidance: _Optional[_Union[Guidance, _Mapping]] = ..., progress_every: _Optional[int] = ..., best_of: _Optional[int] = ..., syntax: _Optional[_Union[Syntax, _Mapping]] = ...) -> None: ...
 
 class GuideScore(_message.Message):
     __slots__ = ("guide", "log_prob")
