@@ -14,7 +14,7 @@ guide=$!
 gen=""
 trap 'kill -TERM $gen $guide 2>/dev/null || true; wait 2>/dev/null || true' EXIT
 wait_port "$guide_port"
-target/release/dlm-generator serve --model models/e2e-small --port "$gen_port" --http-port "$http_port" --metrics-port 0 \
+target/release/dlm-generator serve --model models/e2e-deep --port "$gen_port" --http-port "$http_port" --metrics-port 0 \
     --guide "e2e-semantic=http://127.0.0.1:$guide_port" --guide "e2e-names=http://127.0.0.1:$guide_port/e2e-names" \
     --guide "e2e-pos=http://127.0.0.1:$guide_port/e2e-pos" --guide "e2e-spans=http://127.0.0.1:$guide_port/e2e-spans" &
 gen=$!

@@ -78,7 +78,7 @@ enum Command {
 
 #[derive(Args)]
 struct DeviceParityArgs {
-    #[arg(long, env = "DLM_MODEL", default_value = "models/e2e-small")]
+    #[arg(long, env = "DLM_MODEL", default_value = "models/e2e-deep")]
     model: PathBuf,
     /// The reference file (JSON).
     #[arg(long, env = "DLM_REFERENCE")]
@@ -245,7 +245,7 @@ struct EvalSyntaxArgs {
 #[derive(Args)]
 struct ServeArgs {
     /// Model directory.
-    #[arg(long, env = "DLM_MODEL", default_value = "models/e2e-small")]
+    #[arg(long, env = "DLM_MODEL", default_value = "models/e2e-deep")]
     model: PathBuf,
     /// A guide as NAME=URL (http://host:port[/model]), NAME=URL#CARD.json for a model on another
     /// OIP server, or NAME=onnx:PATH/model.onnx to run it in this process; repeat for more.
@@ -418,7 +418,7 @@ struct GenerateArgs {
 
 #[derive(Args)]
 struct BenchGuidedArgs {
-    #[arg(long, env = "DLM_MODEL", default_value = "models/e2e-small")]
+    #[arg(long, env = "DLM_MODEL", default_value = "models/e2e-deep")]
     model: PathBuf,
     /// The guide, NAME=URL as for `serve --guide` (e.g. a dlm-guide on loopback).
     #[arg(
@@ -449,7 +449,7 @@ struct BenchGuidedArgs {
 #[derive(Args)]
 struct BenchArgs {
     /// The shipped model whose configuration is measured (besides H = 128 / 4 layers).
-    #[arg(long, env = "DLM_MODEL", default_value = "models/e2e-small")]
+    #[arg(long, env = "DLM_MODEL", default_value = "models/e2e-deep")]
     model: PathBuf,
     /// Batch sizes.
     #[arg(
@@ -607,7 +607,7 @@ struct ModelArgs {
 #[derive(Args)]
 struct SampleArgs {
     /// Model directory (config.json, model.safetensors, tokenizer.json).
-    #[arg(long, env = "DLM_MODEL", default_value = "models/e2e-small")]
+    #[arg(long, env = "DLM_MODEL", default_value = "models/e2e-deep")]
     model: PathBuf,
     /// Number of sentences.
     #[arg(long, env = "DLM_N", default_value_t = 16)]
@@ -635,7 +635,7 @@ struct SampleArgs {
 #[derive(Args)]
 struct ScoreArgs {
     /// Model directory.
-    #[arg(long, env = "DLM_MODEL", default_value = "models/e2e-small")]
+    #[arg(long, env = "DLM_MODEL", default_value = "models/e2e-deep")]
     model: PathBuf,
     /// Texts, one per line (`-` = stdin).
     #[arg(long, env = "DLM_INPUT", default_value = "-")]

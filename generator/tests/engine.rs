@@ -24,7 +24,7 @@ fn root() -> PathBuf {
 }
 
 fn model() -> Arc<LoadedModel> {
-    Arc::new(LoadedModel::load(&root().join("models/e2e-small"), &Device::Cpu).unwrap())
+    Arc::new(LoadedModel::load(&root().join("models/e2e-deep"), &Device::Cpu).unwrap())
 }
 
 fn registry(model: &LoadedModel) -> GuideRegistry {

@@ -7,7 +7,7 @@ generator checkpoint's frozen embedding and noise schedule, then export the grad
 to ONNX with jax.value_and_grad + jax2onnx, check ONNX Runtime against JAX, and write the guide card
 (label space, embedding fingerprint, T, schedule) into the model's metadata_props and `card.json`.
 
-    python guide/train/train_classifier.py --generator models/e2e-small \
+    python guide/train/train_classifier.py --generator models/e2e-deep \
         --out models/guides/e2e-semantic/1
 """
 
@@ -377,7 +377,7 @@ def accuracy_counts(task, logits, y, fields, sizes, syntax) -> dict[str, tuple[i
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     env = lambda name, default: __import__("os").environ.get(name, default)
-    ap.add_argument("--generator", default=env("DLM_GENERATOR", "models/e2e-small"), help="generator model directory [DLM_GENERATOR]")
+    ap.add_argument("--generator", default=env("DLM_GENERATOR", "models/e2e-deep"), help="generator model directory [DLM_GENERATOR]")
     ap.add_argument("--data-dir", default=env("DLM_DATA_DIR", "../shared/data/e2e"), help="E2E CSV directory [DLM_DATA_DIR]")
     ap.add_argument("--out", default=env("DLM_OUT", "models/guides/e2e-semantic/1"), help="version directory to write [DLM_OUT]")
     ap.add_argument("--steps", type=int, default=int(env("DLM_STEPS", "3000")), help="training steps [DLM_STEPS]")

@@ -389,7 +389,7 @@ pub fn admin<T>(msg: T) -> tonic::Request<T> {
 /// [`ADMIN_TOKEN`], and `extra` flags.
 pub async fn stack(guides: &[&str], extra: &[&str]) -> (GuideServer, GeneratorServer) {
     let guide = GuideServer::start(&repo_root().join("models/guides"), &["--poll-ms", "0"]).await;
-    let mut args: Vec<String> = vec!["--model".into(), "models/e2e-small".into()];
+    let mut args: Vec<String> = vec!["--model".into(), "models/e2e-deep".into()];
     for g in guides {
         args.push("--guide".into());
         args.push(format!("{g}=http://127.0.0.1:{}/{g}", guide.port));

@@ -94,7 +94,7 @@ async fn the_http_api_generates_streams_and_maps_errors() {
     let (status, r) = generator.http("GET", "/v1/describe", &[], "");
     assert_eq!(status, 200);
     let v = json(&r);
-    assert_eq!(v["model"]["name"], "e2e-small");
+    assert_eq!(v["model"]["name"], "e2e-deep");
     assert_eq!(v["guides"][0]["name"], "e2e-semantic");
     assert_eq!(generator.http("GET", "/healthz", &[], "").0, 200);
     assert_eq!(generator.http("GET", "/readyz", &[], "").0, 200);

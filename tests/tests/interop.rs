@@ -92,7 +92,7 @@ async fn a_guided_request_through_mlserver_gives_dlm_guide_s_texts() {
     let via = |url: String| {
         vec![
             "--model".to_string(),
-            "models/e2e-small".into(),
+            "models/e2e-deep".into(),
             "--guide".into(),
             format!("{GUIDE}={url}"),
         ]
@@ -142,7 +142,7 @@ async fn a_server_without_cards_or_without_the_model_is_refused_at_once() {
             .args([
                 "serve",
                 "--model",
-                "models/e2e-small",
+                "models/e2e-deep",
                 "--metrics-port",
                 "0",
                 "--http-port",

@@ -35,7 +35,7 @@ async fn admin_calls_need_the_token_and_are_off_without_one() {
     let guide = GuideServer::start(&repo_root().join("models/guides"), &["--poll-ms", "0"]).await;
     let base = vec![
         "--model".to_string(),
-        "models/e2e-small".into(),
+        "models/e2e-deep".into(),
         "--guide".into(),
         format!("{GUIDE}=http://127.0.0.1:{}", guide.port),
     ];
@@ -110,7 +110,7 @@ async fn admin_calls_need_the_token_and_are_off_without_one() {
         .into_inner();
     assert_eq!(
         d.model.unwrap().name,
-        "e2e-small",
+        "e2e-deep",
         "Describe shows the model directory's name, not its path"
     );
 }
@@ -121,7 +121,7 @@ async fn set_guide_reaches_only_allowed_hosts_and_says_nothing_about_others() {
     let closed_port = free_port();
     let generator = GeneratorServer::start(&[
         "--model".into(),
-        "models/e2e-small".into(),
+        "models/e2e-deep".into(),
         "--guide".into(),
         format!("{GUIDE}=http://127.0.0.1:{}", guide.port),
         "--guide-allow".into(),
@@ -362,7 +362,7 @@ async fn a_tls_generator_and_an_mtls_guide_serve_a_guided_request() {
 
     let generator = GeneratorServer::spawn(&[
         "--model".into(),
-        "models/e2e-small".into(),
+        "models/e2e-deep".into(),
         "--guide".into(),
         format!("{GUIDE}=https://127.0.0.1:{guide_port}"),
         "--guide-tls-ca".into(),
