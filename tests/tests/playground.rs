@@ -55,7 +55,8 @@ impl Drop for Driver {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_playground_runs_a_guided_generation_in_a_browser() {
-    let (_guide, generator) = dlm_tests::stack(&["e2e-semantic", "e2e-names"], &[]).await;
+    let (_guide, generator) =
+        dlm_tests::stack(&["e2e-semantic", "e2e-names", "e2e-pos", "e2e-spans"], &[]).await;
     let port = free_port();
     let child = Command::new("chromedriver")
         .arg(format!("--port={port}"))
@@ -111,6 +112,22 @@ async fn the_playground_runs_a_guided_generation_in_a_browser() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The syntax guides' fields (pos.0 …, span.*) get one tag input and one span input, which the
+    // request carries as `syntax`.
+    let syntax = script(
+        "document.getElementById('pos').value = 'DT NN VBZ';
+         document.getElementById('span').value = '0,1,NP';
+         const r = request();
+         document.getElementById('pos').value = '';
+         document.getElementById('span').value = '';
+         return {shown: !document.getElementById('syntax').hidden, syntax: r.syntax};",
+    );
+    assert_eq!(
+        syntax,
+        json!({"shown": true, "syntax": {"pos": ["DT", "NN", "VBZ"],
+               "spans": [{"start": 0, "end": 1, "label": "NP"}]}}),
+        "{syntax}"
+    );
     script(
         "document.querySelector('select[data-field=food]').value = 'Italian';
          document.querySelector('select[data-field=area]').value = 'riverside';
