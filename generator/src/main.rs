@@ -154,15 +154,38 @@ impl GuidanceArgs {
     }
 }
 
+/// What `eval-control` and `eval-syntax` share: where the generator is, the data, how the texts
+/// are sampled and guided, and the fluency judge.
+#[derive(Args)]
+struct EvalRunArgs {
+    #[command(flatten)]
+    endpoint: GeneratorEndpoint,
+    #[arg(long, env = "DLM_DATA_DIR", default_value = "../shared/data/e2e")]
+    data_dir: PathBuf,
+    #[arg(long, env = "DLM_SAMPLE_STEPS", default_value_t = 200)]
+    steps: u32,
+    /// Requests in flight at once (the engine batches them).
+    #[arg(long, env = "DLM_CONCURRENCY", default_value_t = 32)]
+    concurrency: usize,
+    #[arg(long, env = "DLM_SEED", default_value_t = 0)]
+    seed: u64,
+    /// Candidates per text, ranked by the model's own log p plus the guides' (guided texts only).
+    #[arg(long, env = "DLM_BEST_OF")]
+    best_of: Option<u32>,
+    #[command(flatten)]
+    guidance: GuidanceArgs,
+    /// The teacher LM directory (made by `train-teacher`).
+    #[arg(long, env = "DLM_TEACHER", default_value = "models/teacher-lm")]
+    teacher: PathBuf,
+}
+
 #[derive(Args)]
 struct EvalControlArgs {
     #[command(flatten)]
-    endpoint: GeneratorEndpoint,
+    run: EvalRunArgs,
     /// The guide that steers every target (default: each target's field decides, as in `generate`).
     #[arg(long, env = "DLM_GUIDE", default_value = "")]
     guide: String,
-    #[arg(long, env = "DLM_DATA_DIR", default_value = "../shared/data/e2e")]
-    data_dir: PathBuf,
     /// Number of targets.
     #[arg(long, env = "DLM_TARGETS", default_value_t = 200)]
     targets: usize,
@@ -173,34 +196,17 @@ struct EvalControlArgs {
     /// Texts per target.
     #[arg(long, env = "DLM_N", default_value_t = 1)]
     n: u32,
-    #[arg(long, env = "DLM_SAMPLE_STEPS", default_value_t = 200)]
-    steps: u32,
-    /// Requests in flight at once (the engine batches them).
-    #[arg(long, env = "DLM_CONCURRENCY", default_value_t = 32)]
-    concurrency: usize,
-    #[arg(long, env = "DLM_SEED", default_value_t = 0)]
-    seed: u64,
     #[arg(long, env = "DLM_WEIGHT")]
     weight: Option<f32>,
-    /// Candidates per text, ranked by the model's own log p plus the guides' (guided texts only).
-    #[arg(long, env = "DLM_BEST_OF")]
-    best_of: Option<u32>,
-    #[command(flatten)]
-    guidance: GuidanceArgs,
     /// Also write every text, as JSON lines {field, value, guided, text, realised}, to this file.
     #[arg(long, env = "DLM_TEXTS")]
     texts: Option<PathBuf>,
-    /// The teacher LM directory (made by `train-teacher`).
-    #[arg(long, env = "DLM_TEACHER", default_value = "models/teacher-lm")]
-    teacher: PathBuf,
 }
 
 #[derive(Args)]
 struct EvalSyntaxArgs {
     #[command(flatten)]
-    endpoint: GeneratorEndpoint,
-    #[arg(long, env = "DLM_DATA_DIR", default_value = "../shared/data/e2e")]
-    data_dir: PathBuf,
+    run: EvalRunArgs,
     /// Number of targets (test references; each gives a tag sequence and one constituent).
     #[arg(long, env = "DLM_TARGETS", default_value_t = 200)]
     targets: usize,
@@ -209,21 +215,9 @@ struct EvalSyntaxArgs {
     #[arg(long, env = "DLM_SYNTAX_CONTROLS", value_delimiter = ',', default_value = "pos,span,pos+field",
           value_parser = ["pos", "span", "pos+field"])]
     controls: Vec<String>,
-    #[arg(long, env = "DLM_SAMPLE_STEPS", default_value_t = 200)]
-    steps: u32,
-    /// Requests in flight at once (the engine batches them).
-    #[arg(long, env = "DLM_CONCURRENCY", default_value_t = 32)]
-    concurrency: usize,
-    #[arg(long, env = "DLM_SEED", default_value_t = 0)]
-    seed: u64,
     /// Weight of the syntax guides' gradients.
     #[arg(long, env = "DLM_WEIGHT")]
     weight: Option<f32>,
-    /// Candidates per text, ranked by the model's own log p plus the guides' (guided texts only).
-    #[arg(long, env = "DLM_BEST_OF")]
-    best_of: Option<u32>,
-    #[command(flatten)]
-    guidance: GuidanceArgs,
     /// The labeller (needs Debian's python3-link-grammar and liblingua-en-tagger-perl).
     #[arg(
         long,
@@ -237,9 +231,6 @@ struct EvalSyntaxArgs {
     /// Also write every text with its target and labels, as JSON lines, to this file.
     #[arg(long, env = "DLM_TEXTS")]
     texts: Option<PathBuf>,
-    /// The teacher LM directory (made by `train-teacher`).
-    #[arg(long, env = "DLM_TEACHER", default_value = "models/teacher-lm")]
-    teacher: PathBuf,
 }
 
 #[derive(Args)]
@@ -1285,9 +1276,9 @@ fn eval_syntax(args: EvalSyntaxArgs) -> anyhow::Result<()> {
     use dlm_proto::dlm::v1 as pb;
     use rand::seq::SliceRandom;
     use rand::SeedableRng;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.run.seed);
     let mut refs: Vec<(String, dlm_generator::text::MeaningRepresentation)> =
-        read_e2e(&args.data_dir.join(data::TEST_FILE))?
+        read_e2e(&args.run.data_dir.join(data::TEST_FILE))?
             .into_iter()
             .filter_map(|r| {
                 Some((
@@ -1304,7 +1295,7 @@ fn eval_syntax(args: EvalSyntaxArgs) -> anyhow::Result<()> {
     let labelled = label(&args.labeller_python, &args.labeller, &texts)?;
     let rt = tokio::runtime::Runtime::new()?;
     let max_words = rt.block_on(async {
-        let mut c = args.endpoint.client().await?;
+        let mut c = args.run.endpoint.client().await?;
         let d = c.describe(pb::DescribeRequest {}).await?.into_inner();
         anyhow::Ok(d.model.map(|m| m.seq_len as usize).unwrap_or(40) - 2)
     })?;
@@ -1319,10 +1310,10 @@ fn eval_syntax(args: EvalSyntaxArgs) -> anyhow::Result<()> {
     let request = |arm: &str, i: usize, t: &SyntaxTarget| -> Option<pb::GenerateRequest> {
         let mut r = pb::GenerateRequest {
             n: 1,
-            steps: Some(args.steps),
-            seed: Some(args.seed * 1_000_003 + i as u64),
+            steps: Some(args.run.steps),
+            seed: Some(args.run.seed * 1_000_003 + i as u64),
             length: (arm == "unguided@length").then_some(t.length as u32),
-            guidance: args.guidance.to_proto(),
+            guidance: args.run.guidance.to_proto(),
             ..Default::default()
         };
         let tags = || pb::Syntax {
@@ -1356,7 +1347,7 @@ fn eval_syntax(args: EvalSyntaxArgs) -> anyhow::Result<()> {
             _ => r.guidance = None,
         }
         if r.syntax.is_some() {
-            r.best_of = args.best_of;
+            r.best_of = args.run.best_of;
         }
         Some(r)
     };
@@ -1369,41 +1360,28 @@ fn eval_syntax(args: EvalSyntaxArgs) -> anyhow::Result<()> {
                 .filter_map(move |(k, a)| request(a, i, t).map(|r| (k, i, r)))
         })
         .collect();
-    let answers: Vec<(usize, usize, String)> = rt.block_on(async {
-        let client = args.endpoint.client().await?;
-        let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
-        let progress = dlm_generator::train::progress_bar(jobs.len(), true);
-        let mut tasks = Vec::new();
-        for (k, i, req) in jobs {
-            let (mut client, sem, progress) = (client.clone(), sem.clone(), progress.clone());
-            tasks.push(tokio::spawn(async move {
-                let _permit = sem.acquire().await?;
-                let resp = client
-                    .generate(req)
-                    .await
-                    .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?;
-                progress.inc(1);
-                anyhow::Ok((
-                    k,
-                    i,
-                    resp.into_inner()
-                        .samples
-                        .into_iter()
-                        .next()
-                        .map(|s| s.text)
-                        .unwrap_or_default(),
-                ))
-            }));
-        }
-        let mut out = Vec::new();
-        for t in tasks {
-            out.push(t.await??);
-        }
-        progress.finish_and_clear();
-        anyhow::Ok(out)
-    })?;
-    let teacher = load_teacher(&args.teacher)?;
-    let judge = FluencyJudge::new(&args.data_dir, 4, &teacher)?;
+    let (keys, requests): (Vec<(usize, usize)>, Vec<_>) =
+        jobs.into_iter().map(|(k, i, r)| ((k, i), r)).unzip();
+    let responses = rt.block_on(generate_all(
+        &args.run.endpoint,
+        args.run.concurrency,
+        requests,
+    ))?;
+    let answers: Vec<(usize, usize, String)> = keys
+        .into_iter()
+        .zip(responses)
+        .map(|((k, i), r)| {
+            let text = r
+                .samples
+                .into_iter()
+                .next()
+                .map(|s| s.text)
+                .unwrap_or_default();
+            (k, i, text)
+        })
+        .collect();
+    let teacher = load_teacher(&args.run.teacher)?;
+    let judge = FluencyJudge::new(&args.run.data_dir, 4, &teacher)?;
     let names = [
         "POS: whole tag sequence as asked",
         "POS: words tagged as asked",
@@ -1494,10 +1472,41 @@ fn eval_syntax(args: EvalSyntaxArgs) -> anyhow::Result<()> {
          about half of E2E's own references whole (dev set: 50%): span success is bounded by its reach.\n",
         targets.len(),
         args.labeller.display(),
-        args.steps
+        args.run.steps
     ));
     print!("{table}");
     Ok(())
+}
+
+/// Sends every request to the generator, at most `concurrency` in flight (the engine batches
+/// them), with a progress bar; the responses in request order.
+async fn generate_all(
+    endpoint: &GeneratorEndpoint,
+    concurrency: usize,
+    requests: Vec<dlm_proto::dlm::v1::GenerateRequest>,
+) -> anyhow::Result<Vec<dlm_proto::dlm::v1::GenerateResponse>> {
+    let client = endpoint.client().await?;
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+    let progress = dlm_generator::train::progress_bar(requests.len(), true);
+    let mut tasks = Vec::new();
+    for req in requests {
+        let (mut client, sem, progress) = (client.clone(), sem.clone(), progress.clone());
+        tasks.push(tokio::spawn(async move {
+            let _permit = sem.acquire().await?;
+            let resp = client
+                .generate(req)
+                .await
+                .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?;
+            progress.inc(1);
+            anyhow::Ok(resp.into_inner())
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await??);
+    }
+    progress.finish_and_clear();
+    Ok(out)
 }
 
 fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
@@ -1505,63 +1514,48 @@ fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
     use dlm_generator::text::read_e2e;
     use dlm_proto::dlm::v1 as pb;
     use rand::SeedableRng;
-    let test = read_e2e(&args.data_dir.join(data::TEST_FILE))?;
+    let test = read_e2e(&args.run.data_dir.join(data::TEST_FILE))?;
     let mrs: Vec<_> = test.into_iter().map(|r| r.mr).collect();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.run.seed);
     let targets = draw_targets(&mrs, args.fields, args.targets, &mut rng);
     let rt = tokio::runtime::Runtime::new()?;
-    let results: Vec<(Target, Vec<String>, Vec<String>)> = rt.block_on(async {
-        let client = args.endpoint.client().await?;
-        let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
-        let progress = dlm_generator::train::progress_bar(targets.len(), true);
-        let mut tasks = Vec::new();
-        for (i, target) in targets.iter().cloned().enumerate() {
-            let (mut client, sem, guide, progress) = (
-                client.clone(),
-                sem.clone(),
-                args.guide.clone(),
-                progress.clone(),
-            );
-            let (n, steps, weight, guidance, seed, best_of) = (
-                args.n,
-                args.steps,
-                args.weight,
-                args.guidance.to_proto(),
-                args.seed * 1_000_003 + i as u64,
-                args.best_of,
-            );
-            tasks.push(tokio::spawn(async move {
-                let _permit = sem.acquire().await?;
-                let base = pb::GenerateRequest {
-                    n,
-                    steps: Some(steps),
-                    seed: Some(seed),
-                    ..Default::default()
-                };
-                let mut guided = base.clone();
-                guided.controls = vec![pb::Control {
-                    guide,
-                    targets: target.iter().map(|(f, v)| format!("{f}={v}")).collect(),
-                    weight,
-                }];
-                guided.guidance = guidance;
-                guided.best_of = best_of;
-                let texts = |r: pb::GenerateResponse| {
-                    r.samples.into_iter().map(|s| s.text).collect::<Vec<_>>()
-                };
-                let g = texts(client.generate(guided).await?.into_inner());
-                let u = texts(client.generate(base).await?.into_inner());
-                progress.inc(1);
-                anyhow::Ok((target, g, u))
-            }));
-        }
-        let mut out = Vec::new();
-        for t in tasks {
-            out.push(t.await??);
-        }
-        progress.finish_and_clear();
-        anyhow::Ok(out)
-    })?;
+    // Per target, a guided request and an unguided one on the same seed.
+    let requests: Vec<pb::GenerateRequest> = targets
+        .iter()
+        .enumerate()
+        .flat_map(|(i, target)| {
+            let base = pb::GenerateRequest {
+                n: args.n,
+                steps: Some(args.run.steps),
+                seed: Some(args.run.seed * 1_000_003 + i as u64),
+                ..Default::default()
+            };
+            let mut guided = base.clone();
+            guided.controls = vec![pb::Control {
+                guide: args.guide.clone(),
+                targets: target.iter().map(|(f, v)| format!("{f}={v}")).collect(),
+                weight: args.weight,
+            }];
+            guided.guidance = args.run.guidance.to_proto();
+            guided.best_of = args.run.best_of;
+            [guided, base]
+        })
+        .collect();
+    let responses = rt.block_on(generate_all(
+        &args.run.endpoint,
+        args.run.concurrency,
+        requests,
+    ))?;
+    let texts = |r: pb::GenerateResponse| r.samples.into_iter().map(|s| s.text).collect::<Vec<_>>();
+    let mut responses = responses.into_iter();
+    let results: Vec<(Target, Vec<String>, Vec<String>)> = targets
+        .iter()
+        .map(|t| {
+            let g = texts(responses.next().expect("a guided response per target"));
+            let u = texts(responses.next().expect("an unguided response per target"));
+            (t.clone(), g, u)
+        })
+        .collect();
     let guided_rates = rates(
         &results
             .iter()
@@ -1627,8 +1621,8 @@ fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
     }
     let guided: Vec<String> = results.iter().flat_map(|r| r.1.clone()).collect();
     let unguided: Vec<String> = results.iter().flat_map(|r| r.2.clone()).collect();
-    let teacher = load_teacher(&args.teacher)?;
-    let judge = FluencyJudge::new(&args.data_dir, 4, &teacher)?;
+    let teacher = load_teacher(&args.run.teacher)?;
+    let judge = FluencyJudge::new(&args.run.data_dir, 4, &teacher)?;
     let (fg, fu) = (judge.report(&guided)?, judge.report(&unguided)?);
     table.push_str(&format!(
         "| **mean of {fields} fields** | {} | **{:.1}%** | {:.1}% |\n\
@@ -1646,7 +1640,7 @@ fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
         100.0 * fu.samples_repetition,
         fg.ratio,
         fu.ratio,
-        args.steps,
+        args.run.steps,
         args.n
     ));
     print!("{table}");

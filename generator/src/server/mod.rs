@@ -156,14 +156,7 @@ impl GeneratorService {
                     ),
                 ));
             }
-            let weight = c.weight.unwrap_or(1.0);
-            let max_weight = crate::guidance::MAX_CONTROL_WEIGHT;
-            if !(weight.is_finite() && (0.0..=max_weight).contains(&weight)) {
-                return Err(Error::invalid(
-                    "controls.weight",
-                    format!("must be in [0, {max_weight}], got {weight}"),
-                ));
-            }
+            let weight = control_weight("controls.weight", c.weight)?;
             let routed = if c.guide.is_empty() {
                 self.guides.route(&c.targets)?
             } else {
@@ -269,6 +262,19 @@ impl GeneratorService {
             deadline,
         })
     }
+}
+
+/// A guide gradient's weight (default 1), within [0, MAX_CONTROL_WEIGHT]; `field` names it in the error.
+fn control_weight(field: &'static str, weight: Option<f32>) -> Result<f32> {
+    let weight = weight.unwrap_or(1.0);
+    let max_weight = crate::guidance::MAX_CONTROL_WEIGHT;
+    if !(weight.is_finite() && (0.0..=max_weight).contains(&weight)) {
+        return Err(Error::invalid(
+            field,
+            format!("must be in [0, {max_weight}], got {weight}"),
+        ));
+    }
+    Ok(weight)
 }
 
 /// Wire guidance settings → the engine's, over the defaults; unknown enum values and values out of

@@ -23,14 +23,7 @@ pub fn syntax_controls(
     length: Option<usize>,
     max_words: usize,
 ) -> Result<(Vec<Control>, Option<usize>)> {
-    let weight = syntax.weight.unwrap_or(1.0);
-    let max_weight = crate::guidance::MAX_CONTROL_WEIGHT;
-    if !(weight.is_finite() && (0.0..=max_weight).contains(&weight)) {
-        return Err(Error::invalid(
-            "syntax.weight",
-            format!("must be in [0, {max_weight}], got {weight}"),
-        ));
-    }
+    let weight = super::control_weight("syntax.weight", syntax.weight)?;
     let mut controls = Vec::new();
     let mut length = length;
     if !syntax.pos.is_empty() {
