@@ -210,6 +210,8 @@ pub async fn guided(
                 .map(|j| Row {
                     mean: mean[j * l * d..(j + 1) * l * d].to_vec(),
                     x0: x0[j * l * d..(j + 1) * l * d].to_vec(),
+                    estimate: x0[j * l * d..(j + 1) * l * d].to_vec(),
+                    signal: schedule.alphas_cumprod_prev[index].sqrt() as f32,
                     sigma: p.sigma[j],
                     t: schedule.timesteps[index - 1] as i64,
                     controls: std::sync::Arc::clone(&controls),

@@ -108,6 +108,11 @@ struct GuidanceArgs {
     /// default: the server's.
     #[arg(long, env = "DLM_GUIDANCE_UPDATE", value_parser = ["adagrad", "normalized", "proximal", "sign"])]
     guidance_update: Option<String>,
+    /// What the gradient steps edit: latent (the proposal for x_{t−1}, read at its noise level;
+    /// the paper's) or estimate (the denoiser's x0 estimate, read at t = 0: more control, less
+    /// fluency); default: the server's (latent).
+    #[arg(long, env = "DLM_GUIDANCE_SPACE", value_parser = ["latent", "estimate"])]
+    guidance_space: Option<String>,
     /// Fluency weight λ: the pull back towards the sampler's proposal (default 0.01).
     #[arg(long, env = "DLM_FLUENCY_WEIGHT")]
     fluency_weight: Option<f32>,
@@ -133,13 +138,18 @@ impl GuidanceArgs {
     }
 
     fn to_proto(&self) -> Option<dlm_proto::dlm::v1::Guidance> {
-        use dlm_proto::dlm::v1::{Guidance, GuidanceUpdate};
+        use dlm_proto::dlm::v1::{Guidance, GuidanceSpace, GuidanceUpdate};
         let update = match self.guidance_update.as_deref() {
             Some("sign") => GuidanceUpdate::Sign,
             Some("normalized") => GuidanceUpdate::Normalized,
             Some("proximal") => GuidanceUpdate::Proximal,
             Some(_) => GuidanceUpdate::Adagrad,
             None => GuidanceUpdate::Unspecified,
+        };
+        let space = match self.guidance_space.as_deref() {
+            Some("estimate") => GuidanceSpace::Estimate,
+            Some(_) => GuidanceSpace::Latent,
+            None => GuidanceSpace::Unspecified,
         };
         let g = Guidance {
             steps_per_diffusion_step: self.guidance_steps,
@@ -149,6 +159,7 @@ impl GuidanceArgs {
             start_step: self.guide_from,
             stop_step: self.guide_until,
             satisfied_prob: self.satisfied_prob,
+            space: space as i32,
         };
         (g != Guidance::default()).then_some(g)
     }

@@ -102,6 +102,38 @@ async fn the_demo_request_says_its_food_in_every_text() {
     assert!(texts.iter().all(|t| t.contains("italian")), "{texts:#?}");
 }
 
+/// The same request guided in estimate space with the satisfaction gate (the README's control
+/// preset): every text says both fields and none doubles a word — where the default (latent) update
+/// on these seeds leaves "riverside" out of one text and says "an italian italian restaurant" in
+/// another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_request_in_estimate_space_says_both_fields_without_stutter() {
+    let (_guide, generator) = stack().await;
+    let mut client = generator.client().await;
+    let mut demo = request(3, 200, 1, &["food=Italian", "area=riverside"]);
+    demo.guidance = Some(pb::Guidance {
+        space: pb::GuidanceSpace::Estimate as i32,
+        satisfied_prob: Some(0.9),
+        ..Default::default()
+    });
+    let texts: Vec<String> = client
+        .generate(demo)
+        .await
+        .unwrap()
+        .into_inner()
+        .samples
+        .into_iter()
+        .map(|s| s.text)
+        .collect();
+    assert_eq!(mentions(&texts, "italian"), 3, "{texts:#?}");
+    assert_eq!(mentions(&texts, "riverside"), 3, "{texts:#?}");
+    assert_eq!(
+        dlm_generator::eval::repetition::repetition_rate(&texts),
+        0.0,
+        "{texts:#?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exact_length_and_infilling_hold_every_time() {
     let (_guide, generator) = stack().await;
@@ -230,6 +262,12 @@ async fn bad_requests_are_invalid_argument_naming_the_problem() {
         });
         cases.push((r, "`guidance.satisfied_prob`"));
     }
+    let mut r = request(1, 10, 1, &["food=Italian"]);
+    r.guidance = Some(pb::Guidance {
+        space: 7,
+        ..Default::default()
+    });
+    cases.push((r, "`guidance.space`"));
     for (req, needle) in cases {
         let err = client.generate(req).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{err}");

@@ -102,6 +102,8 @@ pub struct Proposal {
     pub sigma: Vec<f32>,
     /// The model's raw x0 estimate (what self-conditioning feeds back).
     pub x0: Tensor,
+    /// The x0 estimate `mean` was built from (clamped where the sequence clamps).
+    pub estimate: Tensor,
 }
 
 /// The x0 predictions for a mixed batch, sharded over the worker threads on CPU: (raw, clamped).
@@ -172,6 +174,7 @@ pub fn reverse_step(
         })
         .unzip();
     let mean = x0
+        .clone()
         .broadcast_mul(&per_sequence(a.into_iter(), device)?)?
         .add(&x_t.broadcast_mul(&per_sequence(b.into_iter(), device)?)?)?;
     let sigma = seqs
@@ -187,6 +190,7 @@ pub fn reverse_step(
         mean: mean.detach(),
         sigma,
         x0: raw.detach(),
+        estimate: x0.detach(),
     })
 }
 

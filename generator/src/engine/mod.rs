@@ -511,6 +511,7 @@ impl Engine {
         };
         let mean = proposal.mean.flatten_all()?.to_vec1::<f32>()?;
         let x0 = proposal.x0.flatten_all()?.to_vec1::<f32>()?;
+        let estimate = proposal.estimate.flatten_all()?.to_vec1::<f32>()?;
 
         let mut now: Vec<Proposed> = Vec::new();
         // Cohorts: the sequences guided by the same set of guides wait together.
@@ -531,6 +532,8 @@ impl Engine {
             let row = GuidedRow {
                 mean: m,
                 x0: x0.clone(),
+                estimate: estimate[j * per..(j + 1) * per].to_vec(),
+                signal: r.schedule.alphas_cumprod_prev[s.index].sqrt() as f32,
                 sigma,
                 // The guide sees the latents at the level they move to: step index − 1.
                 t: r.schedule.timesteps[s.index.saturating_sub(1)] as i64,

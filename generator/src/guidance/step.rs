@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::task::JoinSet;
 
 use super::guide::{GuideBatch, GuideOutputs, RegisteredGuide};
-use super::GuidanceConfig;
+use super::{GuidanceConfig, GuidanceSpace};
 use crate::{Error, Result};
 
 /// Steer towards `targets` (a value id per field of `guide`, −1 = free) with `weight`.
@@ -25,6 +25,11 @@ pub struct GuidedRow {
     pub mean: Vec<f32>,
     /// The x0 estimate of this step (read by the satisfaction gate), flat [L·D].
     pub x0: Vec<f32>,
+    /// The x0 estimate `mean` was built from (clamped where the request clamps), flat [L·D]:
+    /// what guidance edits in [`GuidanceSpace::Estimate`].
+    pub estimate: Vec<f32>,
+    /// √ᾱ of the level x_{t−1} is at: how much of x0 it carries.
+    pub signal: f32,
     pub sigma: f32,
     /// The level x_{t−1} is at, in training-schedule units.
     pub t: i64,
@@ -147,7 +152,17 @@ pub async fn guide_rows(rows: &[GuidedRow], max_rows: usize) -> Vec<Result<Vec<f
         pairs.retain(|p| !satisfied.contains(p));
     }
 
-    let mut y: Vec<Vec<f32>> = rows.iter().map(|r| r.mean.clone()).collect();
+    // What each row's gradient steps move, at which level the guides read it, and what the
+    // fluency term pulls it back to: the proposal at its own level, or the x0 estimate at t = 0.
+    let on_estimate = |r: usize| rows[r].config.space == GuidanceSpace::Estimate;
+    let anchor = |r: usize| {
+        if on_estimate(r) {
+            &rows[r].estimate
+        } else {
+            &rows[r].mean
+        }
+    };
+    let mut y: Vec<Vec<f32>> = (0..n).map(|r| anchor(r).clone()).collect();
     let mut state: Vec<Vec<f32>> = rows.iter().map(|r| vec![0f32; r.mean.len()]).collect();
     let guided: Vec<usize> = {
         let mut g: Vec<usize> = pairs.iter().map(|p| p.0).collect();
@@ -171,7 +186,7 @@ pub async fn guide_rows(rows: &[GuidedRow], max_rows: usize) -> Vec<Result<Vec<f
             group(rows, step_pairs),
             rows,
             |r| &y[r],
-            |r| rows[r].t,
+            |r| if on_estimate(r) { 0 } else { rows[r].t },
             max_rows,
         );
         for (chunk, result) in join_calls(calls).await {
@@ -211,7 +226,7 @@ pub async fn guide_rows(rows: &[GuidedRow], max_rows: usize) -> Vec<Result<Vec<f
                 &row.config,
                 &mut y[r],
                 &grad[r],
-                &row.mean,
+                anchor(r),
                 row.sigma,
                 &mut state[r],
             );
@@ -225,8 +240,16 @@ pub async fn guide_rows(rows: &[GuidedRow], max_rows: usize) -> Vec<Result<Vec<f
     }
     y.into_iter()
         .zip(failed)
-        .map(|(y, f)| match f {
+        .enumerate()
+        .map(|(r, (y, f))| match f {
             Some(e) => Err(e),
+            // x_{t−1} carries √ᾱ of x0: the edited estimate moves it by that much.
+            None if on_estimate(r) => Ok(rows[r]
+                .mean
+                .iter()
+                .zip(y.iter().zip(&rows[r].estimate))
+                .map(|(m, (yi, e))| m + rows[r].signal * (yi - e))
+                .collect()),
             None => Ok(y),
         })
         .collect()
@@ -245,6 +268,8 @@ pub async fn final_scores(
         .map(|(x, c)| GuidedRow {
             mean: x.clone(),
             x0: Vec::new(),
+            estimate: Vec::new(),
+            signal: 1.0,
             sigma: 0.0,
             t: 0,
             controls: Arc::clone(c),

@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 
 use crate::diffusion::SamplerKind;
 use crate::engine::{Control, EngineHandle, Event, Generated, Job};
-use crate::guidance::{GuidanceConfig, GuidanceUpdate, GuideRegistry, GuideSpec};
+use crate::guidance::{GuidanceConfig, GuidanceSpace, GuidanceUpdate, GuideRegistry, GuideSpec};
 use crate::model::LoadedModel;
 use crate::{Error, Result};
 
@@ -300,6 +300,17 @@ pub fn guidance_config(g: &pb::Guidance) -> Result<GuidanceConfig> {
                         "unknown value {} (ADAGRAD = 1, SIGN = 2, NORMALIZED = 3, PROXIMAL = 4)",
                         g.update
                     ),
+                ))
+            }
+        },
+        space: match pb::GuidanceSpace::try_from(g.space) {
+            Ok(pb::GuidanceSpace::Latent) => GuidanceSpace::Latent,
+            Ok(pb::GuidanceSpace::Estimate) => GuidanceSpace::Estimate,
+            Ok(pb::GuidanceSpace::Unspecified) => d.space,
+            Err(_) => {
+                return Err(Error::invalid(
+                    "guidance.space",
+                    format!("unknown value {} (LATENT = 1, ESTIMATE = 2)", g.space),
                 ))
             }
         },

@@ -21,6 +21,12 @@ class GuidanceUpdate(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     GUIDANCE_UPDATE_SIGN: _ClassVar[GuidanceUpdate]
     GUIDANCE_UPDATE_NORMALIZED: _ClassVar[GuidanceUpdate]
     GUIDANCE_UPDATE_PROXIMAL: _ClassVar[GuidanceUpdate]
+
+class GuidanceSpace(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    GUIDANCE_SPACE_UNSPECIFIED: _ClassVar[GuidanceSpace]
+    GUIDANCE_SPACE_LATENT: _ClassVar[GuidanceSpace]
+    GUIDANCE_SPACE_ESTIMATE: _ClassVar[GuidanceSpace]
 SAMPLER_UNSPECIFIED: Sampler
 SAMPLER_DDPM: Sampler
 SAMPLER_DDIM: Sampler
@@ -29,6 +35,9 @@ GUIDANCE_UPDATE_ADAGRAD: GuidanceUpdate
 GUIDANCE_UPDATE_SIGN: GuidanceUpdate
 GUIDANCE_UPDATE_NORMALIZED: GuidanceUpdate
 GUIDANCE_UPDATE_PROXIMAL: GuidanceUpdate
+GUIDANCE_SPACE_UNSPECIFIED: GuidanceSpace
+GUIDANCE_SPACE_LATENT: GuidanceSpace
+GUIDANCE_SPACE_ESTIMATE: GuidanceSpace
 
 class SetGuideRequest(_message.Message):
     __slots__ = ("name", "url", "card_json")
@@ -87,7 +96,7 @@ class Span(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., label: _Optional[str] = ...) -> None: ...
 
 class Guidance(_message.Message):
-    __slots__ = ("steps_per_diffusion_step", "step_size", "update", "fluency_weight", "start_step", "stop_step", "satisfied_prob")
+    __slots__ = ("steps_per_diffusion_step", "step_size", "update", "fluency_weight", "start_step", "stop_step", "satisfied_prob", "space")
     STEPS_PER_DIFFUSION_STEP_FIELD_NUMBER: _ClassVar[int]
     STEP_SIZE_FIELD_NUMBER: _ClassVar[int]
     UPDATE_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +104,7 @@ class Guidance(_message.Message):
     START_STEP_FIELD_NUMBER: _ClassVar[int]
     STOP_STEP_FIELD_NUMBER: _ClassVar[int]
     SATISFIED_PROB_FIELD_NUMBER: _ClassVar[int]
+    SPACE_FIELD_NUMBER: _ClassVar[int]
     steps_per_diffusion_step: int
     step_size: float
     update: GuidanceUpdate
@@ -102,7 +112,8 @@ class Guidance(_message.Message):
     start_step: int
     stop_step: int
     satisfied_prob: float
-    def __init__(self, steps_per_diffusion_step: _Optional[int] = ..., step_size: _Optional[float] = ..., update: _Optional[_Union[GuidanceUpdate, str]] = ..., fluency_weight: _Optional[float] = ..., start_step: _Optional[int] = ..., stop_step: _Optional[int] = ..., satisfied_prob: _Optional[float] = ...) -> None: ...
+    space: GuidanceSpace
+    def __init__(self, steps_per_diffusion_step: _Optional[int] = ..., step_size: _Optional[float] = ..., update: _Optional[_Union[GuidanceUpdate, str]] = ..., fluency_weight: _Optional[float] = ..., start_step: _Optional[int] = ..., stop_step: _Optional[int] = ..., satisfied_prob: _Optional[float] = ..., space: _Optional[_Union[GuidanceSpace, str]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("n", "steps", "sampler", "seed", "clamp", "controls", "length", "infill", "guidance", "progress_every", "best_of", "syntax")
