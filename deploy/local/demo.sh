@@ -24,6 +24,10 @@ target/release/dlm-generator generate --endpoint "http://127.0.0.1:$gen_port" --
 echo "--- 3 texts steered to eatType=pub (guide e2e-semantic), near=The Sorrento (guide e2e-names) (seed 1):"
 target/release/dlm-generator generate --endpoint "http://127.0.0.1:$gen_port" \
     --control eatType=pub --control "near=The Sorrento" --n 3 --seed 1
+echo "--- the same, guided in estimate space with the satisfaction gate (seed 1):"
+target/release/dlm-generator generate --endpoint "http://127.0.0.1:$gen_port" \
+    --control eatType=pub --control "near=The Sorrento" --n 3 --seed 1 \
+    --guidance-space estimate --satisfied-prob 0.9
 echo "--- 3 texts of exactly 10 words, no control (seed 1):"
 target/release/dlm-generator generate --endpoint "http://127.0.0.1:$gen_port" --n 3 --seed 1 --length 10
 echo "--- 3 texts steered to the tags DT NN VBZ DT JJ NN IN DT NN NN . (guide e2e-pos) (seed 1):"
