@@ -1,6 +1,7 @@
 //! Classifier guidance: at each guided diffusion step, a few gradient steps on the proposed latents
 //! x_{t−1} that raise Σ_guides w · log p(c | x_{t−1}) − λ · ‖x_{t−1} − μ‖² / σ (Li et al. 2022, §5),
 //! where μ is the sampler's proposal. Gradients of log p come from the guides (remote, batched).
+//! In [`GuidanceSpace::Estimate`] the same steps edit the step's x0 estimate instead, read at t = 0.
 //!
 //! - [`guide`]: the `Guide` seam (gradient for a batch of rows, card, readiness).
 //! - [`oip`]: guides on Open Inference Protocol servers; [`local`]: in this process (ONNX Runtime).
