@@ -205,12 +205,13 @@ pub async fn guided(
             let p = reverse_step(lm, &x, &seqs, Some(&x))?;
             let mean = p.mean.flatten_all()?.to_vec1::<f32>()?;
             let x0 = p.x0.flatten_all()?.to_vec1::<f32>()?;
+            let estimate = p.estimate.flatten_all()?.to_vec1::<f32>()?;
             let ms = started.elapsed().as_secs_f64() * 1e3;
             let rows: Vec<Row> = (0..b)
                 .map(|j| Row {
                     mean: mean[j * l * d..(j + 1) * l * d].to_vec(),
                     x0: x0[j * l * d..(j + 1) * l * d].to_vec(),
-                    estimate: x0[j * l * d..(j + 1) * l * d].to_vec(),
+                    estimate: estimate[j * l * d..(j + 1) * l * d].to_vec(),
                     signal: schedule.alphas_cumprod_prev[index].sqrt() as f32,
                     sigma: p.sigma[j],
                     t: schedule.timesteps[index - 1] as i64,

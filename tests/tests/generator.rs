@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use dlm_proto::dlm::v1 as pb;
-use dlm_tests::{admin, admin_token_file, repo_root, run, GeneratorServer, GuideServer};
+use dlm_tests::{admin, admin_token_file, repo_root, run, texts, GeneratorServer, GuideServer};
 use tonic::Code;
 
 const GUIDE: &str = "e2e-semantic";
@@ -46,7 +46,6 @@ fn mentions(texts: &[String], word: &str) -> usize {
 async fn guided_beats_unguided_and_same_seed_same_text() {
     let (_guide, generator) = stack().await;
     let mut client = generator.client().await;
-    let texts = |r: pb::GenerateResponse| r.samples.into_iter().map(|s| s.text).collect::<Vec<_>>();
     let unguided = texts(
         client
             .generate(request(8, 40, 7, &[]))
@@ -90,15 +89,7 @@ async fn the_demo_request_says_its_food_in_every_text() {
     let (_guide, generator) = stack().await;
     let mut client = generator.client().await;
     let demo = request(3, 200, 1, &["food=Italian", "area=riverside"]);
-    let texts: Vec<String> = client
-        .generate(demo)
-        .await
-        .unwrap()
-        .into_inner()
-        .samples
-        .into_iter()
-        .map(|s| s.text)
-        .collect();
+    let texts = texts(client.generate(demo).await.unwrap().into_inner());
     assert!(texts.iter().all(|t| t.contains("italian")), "{texts:#?}");
 }
 
@@ -116,15 +107,7 @@ async fn the_demo_request_in_estimate_space_says_both_fields_without_stutter() {
         satisfied_prob: Some(0.9),
         ..Default::default()
     });
-    let texts: Vec<String> = client
-        .generate(demo)
-        .await
-        .unwrap()
-        .into_inner()
-        .samples
-        .into_iter()
-        .map(|s| s.text)
-        .collect();
+    let texts = texts(client.generate(demo).await.unwrap().into_inner());
     assert_eq!(mentions(&texts, "italian"), 3, "{texts:#?}");
     assert_eq!(mentions(&texts, "riverside"), 3, "{texts:#?}");
     assert_eq!(
@@ -199,7 +182,6 @@ async fn best_of_returns_the_highest_ranked_of_its_candidates() {
 async fn a_satisfied_guide_leaves_the_text_alone() {
     let (_guide, generator) = stack().await;
     let mut client = generator.client().await;
-    let texts = |r: pb::GenerateResponse| r.samples.into_iter().map(|s| s.text).collect::<Vec<_>>();
     let unguided = texts(
         client
             .generate(request(3, 30, 5, &[]))

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use dlm_generator::eval::syntax::{label, pos_rates, span_rate, SpanTarget, SyntaxTarget};
 use dlm_proto::dlm::v1 as pb;
-use dlm_tests::repo_root;
+use dlm_tests::{repo_root, texts};
 use tonic::Code;
 
 const GUIDES: [&str; 2] = ["e2e-pos", "e2e-spans"];
@@ -185,7 +185,6 @@ async fn syntax_guides_steer_tags_and_constituents() {
     let tags = "DT NN VBZ DT JJ NN IN DT NN NN .";
     let n = 8;
     let len = tags.split_whitespace().count() as u32;
-    let texts = |r: pb::GenerateResponse| r.samples.into_iter().map(|s| s.text).collect::<Vec<_>>();
     let guided = texts(
         client
             .generate(request(n, 11, pos(tags), None))
