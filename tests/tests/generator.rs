@@ -177,7 +177,8 @@ async fn best_of_returns_the_highest_ranked_of_its_candidates() {
 
 /// The satisfaction gate reads the guide on the x0 estimate: at a threshold every text meets from
 /// the first step, no text is ever pulled, so the guided texts are the unguided ones (same seed) —
-/// still scored by the guide.
+/// still scored by the guide. In estimate space the gate is the first gradient call's log p, whose
+/// gradient is then dropped: the same holds there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_satisfied_guide_leaves_the_text_alone() {
     let (_guide, generator) = stack().await;
@@ -189,17 +190,26 @@ async fn a_satisfied_guide_leaves_the_text_alone() {
             .unwrap()
             .into_inner(),
     );
-    let mut gated = request(3, 30, 5, &["food=Italian"]);
-    gated.guidance = Some(pb::Guidance {
-        satisfied_prob: Some(1e-12),
-        ..Default::default()
-    });
-    let resp = client.generate(gated.clone()).await.unwrap().into_inner();
-    assert!(resp.samples.iter().all(|s| s.scores.len() == 1));
-    assert_eq!(texts(resp), unguided);
-    gated.guidance = None;
-    let pulled = texts(client.generate(gated).await.unwrap().into_inner());
-    assert_ne!(pulled, unguided, "without the gate the guide steers");
+    for space in [pb::GuidanceSpace::Latent, pb::GuidanceSpace::Estimate] {
+        let mut gated = request(3, 30, 5, &["food=Italian"]);
+        gated.guidance = Some(pb::Guidance {
+            space: space as i32,
+            satisfied_prob: Some(1e-12),
+            ..Default::default()
+        });
+        let resp = client.generate(gated.clone()).await.unwrap().into_inner();
+        assert!(resp.samples.iter().all(|s| s.scores.len() == 1));
+        assert_eq!(texts(resp), unguided, "{space:?}");
+        gated.guidance = Some(pb::Guidance {
+            space: space as i32,
+            ..Default::default()
+        });
+        let pulled = texts(client.generate(gated).await.unwrap().into_inner());
+        assert_ne!(
+            pulled, unguided,
+            "without the gate the guide steers ({space:?})"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -67,7 +67,9 @@ pub struct GuidanceConfig {
     /// A guide leaves a text alone while it reads its targets in the current x0 estimate with
     /// p(c | x̂0) at least this (≥ 1: never; the engine asks at t = 0). Without it, a satisfied
     /// classifier still gets a full step — the update normalises the gradient's size away — and
-    /// the easiest way to raise p further is to say the value again: "italian italian".
+    /// the easiest way to raise p further is to say the value again: "italian italian". In
+    /// estimate space the gate reads the clamped estimate the steps edit (the first step's own
+    /// call), not the raw x̂0: one guide call fewer per guided step at equal quality (README).
     pub satisfied_prob: f32,
 }
 

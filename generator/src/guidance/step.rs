@@ -23,10 +23,11 @@ pub struct GuidedRow {
     /// The sampler's proposal μ for x_{t−1}, flat [L·D]: where guidance starts and what the
     /// fluency term pulls back to.
     pub mean: Vec<f32>,
-    /// The x0 estimate of this step (read by the satisfaction gate), flat [L·D].
+    /// The x0 estimate of this step, flat [L·D]: what the satisfaction gate reads in latent space
+    /// (in estimate space it reads `estimate`).
     pub x0: Vec<f32>,
     /// The x0 estimate `mean` was built from (clamped where the request clamps), flat [L·D]:
-    /// what guidance edits in [`GuidanceSpace::Estimate`].
+    /// what guidance edits, and the gate reads, in [`GuidanceSpace::Estimate`].
     pub estimate: Vec<f32>,
     /// √ᾱ of the level x_{t−1} is at: how much of x0 it carries.
     pub signal: f32,
@@ -123,11 +124,18 @@ pub async fn guide_rows(rows: &[GuidedRow], max_rows: usize) -> Vec<Result<Vec<f
         .flat_map(|r| (0..rows[r].controls.len()).map(move |c| (r, c)))
         .collect();
 
+    // What each row's gradient steps move, at which level the guides read it, and what the
+    // fluency term pulls it back to: the proposal at its own level, or the x0 estimate at t = 0.
+    let on_estimate = |r: usize| rows[r].config.space == GuidanceSpace::Estimate;
+    let gates = |r: usize| rows[r].config.satisfied_prob < 1.0;
+
     // The satisfaction gate: a guide that already reads its targets in x̂0 leaves the row alone.
+    // In estimate space the first gradient call reads the very text the gate would (the estimate,
+    // at t = 0), so its log p is the gate and no call of its own is made (below).
     let gated: Vec<(usize, usize)> = pairs
         .iter()
         .copied()
-        .filter(|&(r, _)| rows[r].config.satisfied_prob < 1.0)
+        .filter(|&(r, _)| gates(r) && !on_estimate(r))
         .collect();
     if !gated.is_empty() {
         let mut calls = JoinSet::new();
@@ -152,9 +160,6 @@ pub async fn guide_rows(rows: &[GuidedRow], max_rows: usize) -> Vec<Result<Vec<f
         pairs.retain(|p| !satisfied.contains(p));
     }
 
-    // What each row's gradient steps move, at which level the guides read it, and what the
-    // fluency term pulls it back to: the proposal at its own level, or the x0 estimate at t = 0.
-    let on_estimate = |r: usize| rows[r].config.space == GuidanceSpace::Estimate;
     let anchor = |r: usize| {
         if on_estimate(r) {
             &rows[r].estimate
@@ -164,11 +169,12 @@ pub async fn guide_rows(rows: &[GuidedRow], max_rows: usize) -> Vec<Result<Vec<f
     };
     let mut y: Vec<Vec<f32>> = (0..n).map(|r| anchor(r).clone()).collect();
     let mut state: Vec<Vec<f32>> = rows.iter().map(|r| vec![0f32; r.mean.len()]).collect();
-    let guided: Vec<usize> = {
+    let rows_of = |pairs: &[(usize, usize)]| {
         let mut g: Vec<usize> = pairs.iter().map(|p| p.0).collect();
         g.dedup();
         g
     };
+    let mut guided = rows_of(&pairs);
     let k_max = guided
         .iter()
         .map(|&r| rows[r].config.steps_per_diffusion_step)
@@ -180,6 +186,7 @@ pub async fn guide_rows(rows: &[GuidedRow], max_rows: usize) -> Vec<Result<Vec<f
         };
         let mut grad: Vec<Vec<f32>> = rows.iter().map(|r| vec![0f32; r.mean.len()]).collect();
         let mut calls = JoinSet::new();
+        let mut satisfied = Vec::new();
         let step_pairs = pairs.iter().copied().filter(|&(r, _)| active(r, &failed));
         spawn_calls(
             &mut calls,
@@ -204,6 +211,10 @@ pub async fn guide_rows(rows: &[GuidedRow], max_rows: usize) -> Vec<Result<Vec<f
                             });
                             continue;
                         }
+                        if k == 0 && on_estimate(r) && rows[r].config.satisfied(out.log_prob[j]) {
+                            satisfied.push((r, c));
+                            continue;
+                        }
                         let w = rows[r].controls[c].weight;
                         for (acc, gi) in grad[r].iter_mut().zip(g) {
                             *acc += w * gi;
@@ -216,6 +227,10 @@ pub async fn guide_rows(rows: &[GuidedRow], max_rows: usize) -> Vec<Result<Vec<f
                     }
                 }
             }
+        }
+        if !satisfied.is_empty() {
+            pairs.retain(|p| !satisfied.contains(p));
+            guided = rows_of(&pairs);
         }
         for &r in &guided {
             if !active(r, &failed) {
