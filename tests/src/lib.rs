@@ -320,12 +320,12 @@ impl Drop for GeneratorServer {
     }
 }
 
-/// GET /metrics from a Prometheus listener on loopback.
 /// The texts of a generate response, in order.
 pub fn texts(r: dlm_proto::dlm::v1::GenerateResponse) -> Vec<String> {
     r.samples.into_iter().map(|s| s.text).collect()
 }
 
+/// GET /metrics from a Prometheus listener on loopback.
 pub fn scrape(port: u16) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();

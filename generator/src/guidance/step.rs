@@ -127,7 +127,6 @@ pub async fn guide_rows(rows: &[GuidedRow], max_rows: usize) -> Vec<Result<Vec<f
     // What each row's gradient steps move, at which level the guides read it, and what the
     // fluency term pulls it back to: the proposal at its own level, or the x0 estimate at t = 0.
     let on_estimate = |r: usize| rows[r].config.space == GuidanceSpace::Estimate;
-    let gates = |r: usize| rows[r].config.satisfied_prob < 1.0;
 
     // The satisfaction gate: a guide that already reads its targets in x̂0 leaves the row alone.
     // In estimate space the first gradient call reads the very text the gate would (the estimate,
@@ -135,7 +134,7 @@ pub async fn guide_rows(rows: &[GuidedRow], max_rows: usize) -> Vec<Result<Vec<f
     let gated: Vec<(usize, usize)> = pairs
         .iter()
         .copied()
-        .filter(|&(r, _)| gates(r) && !on_estimate(r))
+        .filter(|&(r, _)| rows[r].config.satisfied_prob < 1.0 && !on_estimate(r))
         .collect();
     if !gated.is_empty() {
         let mut calls = JoinSet::new();
