@@ -349,3 +349,41 @@ async fn an_expired_deadline_is_always_deadline_exceeded() {
         }
     }
 }
+
+/// tonic's own `grpc-timeout` timer starts when the call arrives and answers CANCELLED; the
+/// server's deadline counts from that moment too, so a request body that arrives late (a busy
+/// client or machine) still gets DEADLINE_EXCEEDED. Sent as a one-message client stream, which
+/// is what a unary call is on the wire, to hold the body back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_request_body_still_gets_deadline_exceeded() {
+    let (_guide, generator) = stack(&[]).await;
+    let channel = tonic::transport::Channel::from_shared(generator.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    for (deadline_ms, late_ms) in [(150u64, 80u64), (300, 200)] {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(late_ms)).await;
+            let _ = tx.send(request(2, 2000, 0, &[])).await;
+        });
+        let mut r = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        r.set_timeout(Duration::from_millis(deadline_ms));
+        grpc.ready().await.unwrap();
+        let err = grpc
+            .client_streaming::<_, pb::GenerateRequest, pb::GenerateResponse, _>(
+                r,
+                tonic::codegen::http::uri::PathAndQuery::from_static("/dlm.v1.Generator/Generate"),
+                tonic_prost::ProstCodec::default(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::DeadlineExceeded,
+            "body {late_ms} ms late, deadline {deadline_ms} ms: {err}"
+        );
+    }
+}

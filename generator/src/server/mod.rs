@@ -318,13 +318,28 @@ pub fn guidance_config(g: &pb::Guidance) -> Result<GuidanceConfig> {
         start_step: g.start_step.map(|v| v as usize),
         stop_step: g.stop_step.map(|v| v as usize).unwrap_or(d.stop_step),
         satisfied_prob: g.satisfied_prob.unwrap_or(d.satisfied_prob),
+        guard_neighbours: g
+            .guard_neighbours
+            .map_or(d.guard_neighbours, |v| v as usize),
     };
     guidance.validate()?;
     Ok(guidance)
 }
 
-/// The client's deadline (`grpc-timeout`), less [`DEADLINE_MARGIN`]; None when absent, malformed
-/// or beyond what the clock can represent (no deadline then).
+/// When a gRPC call reached the server, stamped before its body is read. tonic starts its own
+/// `grpc-timeout` timer (which answers CANCELLED) at that moment; a deadline counted from the
+/// handler's start instead loses the race whenever the body arrives late on a busy machine.
+#[derive(Clone, Copy)]
+struct Arrival(Instant);
+
+fn stamp_arrival(mut req: Request<()>) -> std::result::Result<Request<()>, Status> {
+    req.extensions_mut().insert(Arrival(Instant::now()));
+    Ok(req)
+}
+
+/// The client's deadline (`grpc-timeout`) counted from the call's [`Arrival`] (now, for HTTP
+/// calls), less [`DEADLINE_MARGIN`]; None when absent, malformed or beyond what the clock can
+/// represent (no deadline then).
 fn deadline_of<T>(req: &Request<T>) -> Option<Instant> {
     let header = req.metadata().get("grpc-timeout")?.to_str().ok()?;
     let (value, unit) = header.split_at(header.len().checked_sub(1)?);
@@ -338,7 +353,11 @@ fn deadline_of<T>(req: &Request<T>) -> Option<Instant> {
         "n" => Duration::from_nanos(v),
         _ => return None,
     };
-    Instant::now()
+    let arrival = req
+        .extensions()
+        .get::<Arrival>()
+        .map_or_else(Instant::now, |a| a.0);
+    arrival
         .checked_add(d)
         .map(|t| t.checked_sub(DEADLINE_MARGIN).unwrap_or(t))
 }
@@ -702,7 +721,10 @@ pub async fn serve(
     server
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(GeneratorServer::from_arc(service))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            GeneratorServer::from_arc(service),
+            stamp_arrival,
+        ))
         .serve_with_shutdown(addr, stopped(stop_rx))
         .await?;
     if let Some(h) = http_server {
