@@ -215,7 +215,6 @@ pub async fn guided(
                     signal: schedule.alphas_cumprod_prev[index].sqrt() as f32,
                     sigma: p.sigma[j],
                     t: schedule.timesteps[index - 1] as i64,
-                    seq_len: l,
                     controls: std::sync::Arc::clone(&controls),
                     config: guidance,
                 })

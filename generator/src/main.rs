@@ -126,10 +126,6 @@ struct GuidanceArgs {
     /// p(c | x0) at least this (default 1 = always pull).
     #[arg(long, env = "DLM_SATISFIED_PROB")]
     satisfied_prob: Option<f32>,
-    /// Guidance never moves a word towards a word this many positions or fewer beside it (default
-    /// 0 = off, at most 4).
-    #[arg(long, env = "DLM_GUARD_NEIGHBOURS")]
-    guard_neighbours: Option<u32>,
 }
 
 impl GuidanceArgs {
@@ -164,7 +160,6 @@ impl GuidanceArgs {
             stop_step: self.guide_until,
             satisfied_prob: self.satisfied_prob,
             space: space as i32,
-            guard_neighbours: self.guard_neighbours,
         };
         (g != Guidance::default()).then_some(g)
     }

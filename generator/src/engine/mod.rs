@@ -537,7 +537,6 @@ impl Engine {
                 sigma,
                 // The guide sees the latents at the level they move to: step index − 1.
                 t: r.schedule.timesteps[s.index.saturating_sub(1)] as i64,
-                seq_len: l,
                 controls: Arc::clone(&r.job.controls),
                 config: r.job.guidance,
             };

@@ -71,9 +71,6 @@ pub struct GuidanceConfig {
     /// estimate space the gate reads the clamped estimate the steps edit (the first step's own
     /// call), not the raw x̂0: one guide call fewer per guided step at equal quality (README).
     pub satisfied_prob: f32,
-    /// Guidance never moves a word towards a word this many positions or fewer beside it
-    /// (0 = off): see [`step::keep_off_neighbours`].
-    pub guard_neighbours: usize,
 }
 
 impl Default for GuidanceConfig {
@@ -87,7 +84,6 @@ impl Default for GuidanceConfig {
             start_step: None,
             stop_step: 10,
             satisfied_prob: 1.0,
-            guard_neighbours: 0,
         }
     }
 }
@@ -98,7 +94,6 @@ pub const MAX_STEP_SIZE: f32 = 10.0;
 pub const MAX_FLUENCY_WEIGHT: f32 = 1e4;
 /// Largest weight of one control.
 pub const MAX_CONTROL_WEIGHT: f32 = 100.0;
-pub const MAX_GUARD_NEIGHBOURS: usize = 4;
 
 impl GuidanceConfig {
     /// Whether a sequence at step `index` (counting down to 0) is guided.
@@ -137,12 +132,6 @@ impl GuidanceConfig {
             "guidance.fluency_weight",
             "[0, 10000]",
             self.fluency_weight,
-        )?;
-        check(
-            self.guard_neighbours <= MAX_GUARD_NEIGHBOURS,
-            "guidance.guard_neighbours",
-            "[0, 4]",
-            self.guard_neighbours as f32,
         )?;
         check(
             self.satisfied_prob > 0.0 && self.satisfied_prob <= 1.0,
@@ -257,30 +246,6 @@ mod tests {
             &mut state,
         );
         assert!(y[0] < 1.0);
-    }
-
-    /// The guard takes out of an edit what moves a word towards its neighbour's word, and keeps
-    /// what moves it elsewhere or away.
-    #[test]
-    fn the_neighbour_guard_keeps_words_off_their_neighbours() {
-        // Three positions of D = 2 whose words are (0, 0), (1, 0), (0, 1).
-        let words = [0.0, 0.0, 1.0, 0.0, 0.0, 1.0];
-        let edit = [0.5, 0.5, -0.3, 0.0, 0.0, 0.2];
-        let guarded = |reach| {
-            let mut y: Vec<f32> = words.iter().zip(&edit).map(|(w, e)| w + e).collect();
-            step::keep_off_neighbours(&mut y, &words, &words, 2, reach);
-            let moved: Vec<f32> = y.iter().zip(&words).map(|(y, w)| y - w).collect();
-            moved
-        };
-        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6);
-        // Position 0 loses its pull towards position 1's word, position 1 its pull towards
-        // position 0's; position 2 moves away from position 1's word and keeps its edit.
-        let one = guarded(1);
-        assert!(close(&one, &[0.0, 0.5, 0.0, 0.0, 0.0, 0.2]), "{one:?}");
-        // Two positions out, position 0's remaining move towards position 2's word goes too.
-        let two = guarded(2);
-        assert!(close(&two[..2], &[0.0, 0.0]), "{two:?}");
-        assert!(close(&guarded(0), &edit), "reach 0 is off");
     }
 
     /// The proximal update moves `step_size` (RMS) where the noise is high, and no further than

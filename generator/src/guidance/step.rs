@@ -34,8 +34,6 @@ pub struct GuidedRow {
     pub sigma: f32,
     /// The level x_{t−1} is at, in training-schedule units.
     pub t: i64,
-    /// Positions in the canvas (`mean` holds seq_len · D values).
-    pub seq_len: usize,
     pub controls: Arc<[Control]>,
     pub config: GuidanceConfig,
 }
@@ -254,18 +252,6 @@ pub async fn guide_rows(rows: &[GuidedRow], max_rows: usize) -> Vec<Result<Vec<f
             }
         }
     }
-    for &r in &guided {
-        if rows[r].config.guard_neighbours > 0 && failed[r].is_none() {
-            let d = rows[r].mean.len() / rows[r].seq_len.max(1);
-            keep_off_neighbours(
-                &mut y[r],
-                anchor(r),
-                &rows[r].estimate,
-                d,
-                rows[r].config.guard_neighbours,
-            );
-        }
-    }
     y.into_iter()
         .zip(failed)
         .enumerate()
@@ -281,38 +267,6 @@ pub async fn guide_rows(rows: &[GuidedRow], max_rows: usize) -> Vec<Result<Vec<f
             None => Ok(y),
         })
         .collect()
-}
-
-/// Takes out of each position's guidance edit (y − anchor, per position of `d` values) any part
-/// that moves its word towards the word `reach` positions or fewer beside it in `words` (the
-/// clamped x0 estimate): a guide that wants "italian" said pulls every position a little towards
-/// it, and the position next to the one that already says it tips over first ("italian italian").
-/// A repeat the denoiser writes by itself is left alone (its own word beside its own is no
-/// direction).
-pub fn keep_off_neighbours(y: &mut [f32], anchor: &[f32], words: &[f32], d: usize, reach: usize) {
-    let l = words.len() / d.max(1);
-    for i in 0..l {
-        let own = &words[i * d..(i + 1) * d];
-        let mut delta: Vec<f32> = (0..d).map(|j| y[i * d + j] - anchor[i * d + j]).collect();
-        let lo = i.saturating_sub(reach);
-        let hi = (i + reach).min(l.saturating_sub(1));
-        // Twice round: taking out one neighbour's direction can put back some of another's.
-        for _ in 0..2 {
-            for n in (lo..=hi).filter(|&n| n != i) {
-                let u: Vec<f32> = (0..d).map(|j| words[n * d + j] - own[j]).collect();
-                let uu: f32 = u.iter().map(|v| v * v).sum();
-                let du: f32 = delta.iter().zip(&u).map(|(a, b)| a * b).sum();
-                if uu > 1e-12 && du > 0.0 {
-                    for (a, b) in delta.iter_mut().zip(&u) {
-                        *a -= du / uu * b;
-                    }
-                }
-            }
-        }
-        for j in 0..d {
-            y[i * d + j] = anchor[i * d + j] + delta[j];
-        }
-    }
 }
 
 /// Each finished row's final log p(c | x0) per control, at t = 0 (None where its guide failed,
@@ -332,7 +286,6 @@ pub async fn final_scores(
             signal: 1.0,
             sigma: 0.0,
             t: 0,
-            seq_len: 1,
             controls: Arc::clone(c),
             config: GuidanceConfig::default(),
         })

@@ -318,9 +318,6 @@ pub fn guidance_config(g: &pb::Guidance) -> Result<GuidanceConfig> {
         start_step: g.start_step.map(|v| v as usize),
         stop_step: g.stop_step.map(|v| v as usize).unwrap_or(d.stop_step),
         satisfied_prob: g.satisfied_prob.unwrap_or(d.satisfied_prob),
-        guard_neighbours: g
-            .guard_neighbours
-            .map_or(d.guard_neighbours, |v| v as usize),
     };
     guidance.validate()?;
     Ok(guidance)
