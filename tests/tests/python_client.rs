@@ -66,4 +66,67 @@ async fn the_python_client_steers_and_streams() {
     let streamed = run(&["--stream"]);
     assert!(streamed.contains("to go]"), "{streamed}");
     assert!(streamed.ends_with(&format!("{}\n", texts[1])), "{streamed}");
+
+    // The control preset through the client is the same request as through gRPC: estimate space,
+    // the gate, best of 2 (the texts differ from the default's, so dropped options would show).
+    let preset = run(&[
+        "--guidance-space",
+        "estimate",
+        "--satisfied-prob",
+        "0.9",
+        "--best-of",
+        "2",
+    ]);
+    let grpc_preset = generator
+        .client()
+        .await
+        .generate(pb::GenerateRequest {
+            n: 2,
+            seed: Some(4),
+            best_of: Some(2),
+            controls: vec![pb::Control {
+                guide: String::new(),
+                targets: vec!["food=Italian".into()],
+                weight: None,
+            }],
+            guidance: Some(pb::Guidance {
+                space: pb::GuidanceSpace::Estimate as i32,
+                satisfied_prob: Some(0.9),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let preset_texts: Vec<&str> = grpc_preset
+        .samples
+        .iter()
+        .map(|s| s.text.as_str())
+        .collect();
+    assert_ne!(preset_texts, texts, "the preset changed nothing");
+    assert_eq!(
+        &preset.lines().skip(1).collect::<Vec<_>>()[..],
+        &preset_texts[..],
+        "the Python client's preset texts differ from gRPC's"
+    );
+}
+
+/// A guidance option outside its values is refused by the client, naming the option.
+#[test]
+fn the_python_client_names_a_bad_guidance_option() {
+    let out = Command::new(venv_python())
+        .args([
+            "-c",
+            "import dlm\ntry:\n    dlm.Client.request(1, guidance_space='sideways')\nexcept ValueError as e:\n    print(e)",
+        ])
+        .env("PYTHONPATH", repo_root().join("clients/python"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("guidance_space must be one of latent, estimate"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -11,6 +11,12 @@ from dlm._proto.dlm.v1 import generator_pb2_grpc as pb_grpc
 
 Targets = Union[Mapping[str, str], Iterable[str]]
 
+# The generator CLI's names for the enums (`--guidance-space estimate`, `--sampler ddim`, …).
+_SPACES = {"latent": pb.GUIDANCE_SPACE_LATENT, "estimate": pb.GUIDANCE_SPACE_ESTIMATE}
+_UPDATES = {"adagrad": pb.GUIDANCE_UPDATE_ADAGRAD, "sign": pb.GUIDANCE_UPDATE_SIGN,
+            "normalized": pb.GUIDANCE_UPDATE_NORMALIZED, "proximal": pb.GUIDANCE_UPDATE_PROXIMAL}
+_SAMPLERS = {"ddpm": pb.SAMPLER_DDPM, "ddim": pb.SAMPLER_DDIM}
+
 
 class DlmError(Exception):
     """A request the generator refused or failed: its gRPC status code name and message."""
@@ -18,6 +24,13 @@ class DlmError(Exception):
     def __init__(self, code: str, message: str):
         super().__init__(f"{code}: {message}")
         self.code, self.message = code, message
+
+
+def _choice(kind: str, table: Mapping[str, int], value: str) -> int:
+    try:
+        return table[value.lower()]
+    except KeyError:
+        raise ValueError(f"{kind} must be one of {', '.join(table)}, got {value!r}") from None
 
 
 def _targets(controls: Optional[Targets]) -> list[str]:
@@ -58,11 +71,35 @@ class Client:
                 seed: Optional[int] = None, length: Optional[int] = None,
                 template: Optional[Sequence[str]] = None, best_of: Optional[int] = None,
                 progress_every: Optional[int] = None, pos: Optional[Union[str, Sequence[str]]] = None,
-                spans: Optional[Sequence[tuple[int, int, str]]] = None) -> pb.GenerateRequest:
+                spans: Optional[Sequence[tuple[int, int, str]]] = None,
+                sampler: Optional[str] = None, clamp: Optional[bool] = None,
+                guidance_space: Optional[str] = None, satisfied_prob: Optional[float] = None,
+                guidance_steps: Optional[int] = None, step_size: Optional[float] = None,
+                guidance_update: Optional[str] = None, fluency_weight: Optional[float] = None,
+                guide_from: Optional[int] = None, guide_until: Optional[int] = None
+                ) -> pb.GenerateRequest:
         """A GenerateRequest: `controls` as {"food": "Italian"} or ["food=Italian"]; `template`
         as words with "_" for blanks; `pos` as "DT NN VBZ …" (a tag per word, "_" = any) and
-        `spans` as [(start, end, "NP")] (word indices from 0, end inclusive) for the syntax guides."""
+        `spans` as [(start, end, "NP")] (word indices from 0, end inclusive) for the syntax guides.
+        The guidance options are `dlm-generator generate`'s flags of the same names (the control
+        preset: guidance_space="estimate", satisfied_prob=0.9, best_of=4); unset ones take the
+        server's defaults."""
         r = pb.GenerateRequest(n=n)
+        if sampler is not None:
+            r.sampler = _choice("sampler", _SAMPLERS, sampler)
+        if clamp is not None:
+            r.clamp = clamp
+        g = r.guidance
+        if guidance_space is not None:
+            g.space = _choice("guidance_space", _SPACES, guidance_space)
+        if guidance_update is not None:
+            g.update = _choice("guidance_update", _UPDATES, guidance_update)
+        for name, value in [("satisfied_prob", satisfied_prob),
+                            ("steps_per_diffusion_step", guidance_steps), ("step_size", step_size),
+                            ("fluency_weight", fluency_weight), ("start_step", guide_from),
+                            ("stop_step", guide_until)]:
+            if value is not None:
+                setattr(g, name, value)
         targets = _targets(controls)
         if targets:
             c = r.controls.add(guide=guide, targets=targets)
