@@ -56,8 +56,10 @@ struct ServeArgs {
     /// Version policy: keep the newest N versions of each model loaded.
     #[arg(long, env = "DLM_KEEP_VERSIONS", default_value_t = 1)]
     keep_versions: usize,
-    /// Dynamic batching window, in microseconds.
-    #[arg(long, env = "DLM_BATCH_WINDOW_US", default_value_t = 2000)]
+    /// How long a call waits for batch-mates, in microseconds. 0 (the default): not at all — the
+    /// calls that queue while a batch runs form the next one, so a lone caller never waits and a
+    /// busy guide still batches.
+    #[arg(long, env = "DLM_BATCH_WINDOW_US", default_value_t = 0)]
     batch_window_us: u64,
     /// Largest batch one ONNX Runtime run takes.
     #[arg(long, env = "DLM_MAX_BATCH", default_value_t = 64)]
