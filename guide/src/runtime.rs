@@ -295,10 +295,21 @@ impl GuideSession {
             targets: batch.targets[f..].to_vec(),
         })?;
         let worst = std::iter::once((alone.log_prob[0], out.log_prob[1]))
-            .chain(alone.grad.iter().copied().zip(out.grad[per..].iter().copied()))
+            .chain(
+                alone
+                    .grad
+                    .iter()
+                    .copied()
+                    .zip(out.grad[per..].iter().copied()),
+            )
             .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
             .fold(0f32, f32::max);
-        if !(worst <= 1e-4) {
+        let finite = alone
+            .log_prob
+            .iter()
+            .chain(&alone.grad)
+            .all(|v| v.is_finite());
+        if !finite || worst > 1e-4 {
             return Err(GuideError::FailedPrecondition(format!(
                 "the one-row graph differs from the batch graph by {worst:e}"
             )));
