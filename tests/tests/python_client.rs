@@ -6,6 +6,33 @@ use std::process::Command;
 use dlm_proto::dlm::v1 as pb;
 use dlm_tests::{repo_root, venv_python};
 
+/// The texts gRPC gives for the request the client example sends (2 texts, seed 4, food=Italian).
+async fn grpc_texts(
+    generator: &dlm_tests::GeneratorServer,
+    best_of: Option<u32>,
+    guidance: Option<pb::Guidance>,
+) -> Vec<String> {
+    let response = generator
+        .client()
+        .await
+        .generate(pb::GenerateRequest {
+            n: 2,
+            seed: Some(4),
+            best_of,
+            guidance,
+            controls: vec![pb::Control {
+                guide: String::new(),
+                targets: vec!["food=Italian".into()],
+                weight: None,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    dlm_tests::texts(response)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_client_steers_and_streams() {
     let (_guide, generator) = dlm_tests::stack(&["e2e-semantic"], &[]).await;
@@ -40,23 +67,7 @@ async fn the_python_client_steers_and_streams() {
         lines[0].starts_with("fields:") && lines[0].contains("food"),
         "{plain}"
     );
-    let grpc = generator
-        .client()
-        .await
-        .generate(pb::GenerateRequest {
-            n: 2,
-            seed: Some(4),
-            controls: vec![pb::Control {
-                guide: String::new(),
-                targets: vec!["food=Italian".into()],
-                weight: None,
-            }],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let texts: Vec<&str> = grpc.samples.iter().map(|s| s.text.as_str()).collect();
+    let texts = grpc_texts(&generator, None, None).await;
     assert_eq!(
         &lines[1..],
         &texts[..],
@@ -77,33 +88,12 @@ async fn the_python_client_steers_and_streams() {
         "--best-of",
         "2",
     ]);
-    let grpc_preset = generator
-        .client()
-        .await
-        .generate(pb::GenerateRequest {
-            n: 2,
-            seed: Some(4),
-            best_of: Some(2),
-            controls: vec![pb::Control {
-                guide: String::new(),
-                targets: vec!["food=Italian".into()],
-                weight: None,
-            }],
-            guidance: Some(pb::Guidance {
-                space: pb::GuidanceSpace::Estimate as i32,
-                satisfied_prob: Some(0.9),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let preset_texts: Vec<&str> = grpc_preset
-        .samples
-        .iter()
-        .map(|s| s.text.as_str())
-        .collect();
+    let guidance = pb::Guidance {
+        space: pb::GuidanceSpace::Estimate as i32,
+        satisfied_prob: Some(0.9),
+        ..Default::default()
+    };
+    let preset_texts = grpc_texts(&generator, Some(2), Some(guidance)).await;
     assert_ne!(preset_texts, texts, "the preset changed nothing");
     assert_eq!(
         &preset.lines().skip(1).collect::<Vec<_>>()[..],

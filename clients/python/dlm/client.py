@@ -33,6 +33,13 @@ def _choice(kind: str, table: Mapping[str, int], value: str) -> int:
         raise ValueError(f"{kind} must be one of {', '.join(table)}, got {value!r}") from None
 
 
+def _set_given(message, fields: Sequence[tuple[str, object]]) -> None:
+    """Sets the fields given a value; the ones left None keep the server's defaults."""
+    for name, value in fields:
+        if value is not None:
+            setattr(message, name, value)
+
+
 def _targets(controls: Optional[Targets]) -> list[str]:
     if controls is None:
         return []
@@ -87,28 +94,22 @@ class Client:
         r = pb.GenerateRequest(n=n)
         if sampler is not None:
             r.sampler = _choice("sampler", _SAMPLERS, sampler)
-        if clamp is not None:
-            r.clamp = clamp
         g = r.guidance
         if guidance_space is not None:
             g.space = _choice("guidance_space", _SPACES, guidance_space)
         if guidance_update is not None:
             g.update = _choice("guidance_update", _UPDATES, guidance_update)
-        for name, value in [("satisfied_prob", satisfied_prob),
-                            ("steps_per_diffusion_step", guidance_steps), ("step_size", step_size),
-                            ("fluency_weight", fluency_weight), ("start_step", guide_from),
-                            ("stop_step", guide_until)]:
-            if value is not None:
-                setattr(g, name, value)
+        _set_given(g, [("satisfied_prob", satisfied_prob),
+                       ("steps_per_diffusion_step", guidance_steps), ("step_size", step_size),
+                       ("fluency_weight", fluency_weight), ("start_step", guide_from),
+                       ("stop_step", guide_until)])
         targets = _targets(controls)
         if targets:
             c = r.controls.add(guide=guide, targets=targets)
             if weight is not None:
                 c.weight = weight
-        for name, value in [("steps", steps), ("seed", seed), ("length", length),
-                            ("best_of", best_of), ("progress_every", progress_every)]:
-            if value is not None:
-                setattr(r, name, value)
+        _set_given(r, [("steps", steps), ("seed", seed), ("length", length),
+                       ("best_of", best_of), ("progress_every", progress_every), ("clamp", clamp)])
         if template:
             r.infill.template.extend(template)
         if pos:
