@@ -320,6 +320,33 @@ impl Drop for GeneratorServer {
     }
 }
 
+/// A request for `n` texts at `steps` sampling steps and `seed`, steered by `guide` towards
+/// `targets` ("field=value"; none: unguided).
+pub fn request(
+    guide: &str,
+    n: u32,
+    steps: u32,
+    seed: u64,
+    targets: &[&str],
+) -> dlm_proto::dlm::v1::GenerateRequest {
+    use dlm_proto::dlm::v1 as pb;
+    pb::GenerateRequest {
+        n,
+        steps: Some(steps),
+        seed: Some(seed),
+        controls: if targets.is_empty() {
+            vec![]
+        } else {
+            vec![pb::Control {
+                guide: guide.into(),
+                targets: targets.iter().map(|t| t.to_string()).collect(),
+                weight: None,
+            }]
+        },
+        ..Default::default()
+    }
+}
+
 /// The texts of a generate response, in order.
 pub fn texts(r: dlm_proto::dlm::v1::GenerateResponse) -> Vec<String> {
     r.samples.into_iter().map(|s| s.text).collect()

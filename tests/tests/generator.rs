@@ -18,21 +18,7 @@ async fn stack() -> (GuideServer, GeneratorServer) {
 }
 
 fn request(n: u32, steps: u32, seed: u64, targets: &[&str]) -> pb::GenerateRequest {
-    pb::GenerateRequest {
-        n,
-        steps: Some(steps),
-        seed: Some(seed),
-        controls: if targets.is_empty() {
-            vec![]
-        } else {
-            vec![pb::Control {
-                guide: GUIDE.into(),
-                targets: targets.iter().map(|t| t.to_string()).collect(),
-                weight: None,
-            }]
-        },
-        ..Default::default()
-    }
+    dlm_tests::request(GUIDE, n, steps, seed, targets)
 }
 
 fn mentions(texts: &[String], word: &str) -> usize {
@@ -93,15 +79,16 @@ async fn the_demo_request_says_its_food_in_every_text() {
     assert!(texts.iter().all(|t| t.contains("italian")), "{texts:#?}");
 }
 
-/// The same request guided in estimate space with the satisfaction gate (the README's control
-/// preset): every text says both fields and none doubles a word — where the default (latent) update
-/// on these seeds leaves "riverside" out of one text and says "an italian italian restaurant" in
-/// another.
+/// The same request under the README's control preset (estimate space, the satisfaction gate, best
+/// of 4): every text says both fields and none doubles a word — where the default (latent) update on
+/// these seeds says "an italian italian eatery", and so does the preset with one candidate ("an
+/// italian italian restaurant", step 60,000; at step 31,500 one candidate was enough).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_demo_request_in_estimate_space_says_both_fields_without_stutter() {
+async fn the_demo_request_under_the_control_preset_says_both_fields_without_stutter() {
     let (_guide, generator) = stack().await;
     let mut client = generator.client().await;
     let mut demo = request(3, 200, 1, &["food=Italian", "area=riverside"]);
+    demo.best_of = Some(4);
     demo.guidance = Some(pb::Guidance {
         space: pb::GuidanceSpace::Estimate as i32,
         satisfied_prob: Some(0.9),

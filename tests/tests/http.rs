@@ -28,17 +28,7 @@ async fn the_http_api_generates_streams_and_maps_errors() {
     let grpc = generator
         .client()
         .await
-        .generate(dlm_proto::dlm::v1::GenerateRequest {
-            n: 2,
-            steps: Some(40),
-            seed: Some(7),
-            controls: vec![dlm_proto::dlm::v1::Control {
-                guide: String::new(),
-                targets: vec!["food=Italian".into()],
-                weight: None,
-            }],
-            ..Default::default()
-        })
+        .generate(dlm_tests::request("", 2, 40, 7, &["food=Italian"]))
         .await
         .unwrap()
         .into_inner();

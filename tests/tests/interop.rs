@@ -65,17 +65,7 @@ impl Drop for MlServer {
 }
 
 fn guided(seed: u64) -> pb::GenerateRequest {
-    pb::GenerateRequest {
-        n: 3,
-        steps: Some(60),
-        seed: Some(seed),
-        controls: vec![pb::Control {
-            guide: GUIDE.into(),
-            targets: vec!["food=Italian".into(), "area=riverside".into()],
-            weight: None,
-        }],
-        ..Default::default()
-    }
+    dlm_tests::request(GUIDE, 3, 60, seed, &["food=Italian", "area=riverside"])
 }
 
 fn card_file() -> String {

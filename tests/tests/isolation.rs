@@ -15,21 +15,7 @@ async fn stack(extra: &[&str]) -> (GuideServer, GeneratorServer) {
 }
 
 fn request(n: u32, steps: u32, seed: u64, targets: &[&str]) -> pb::GenerateRequest {
-    pb::GenerateRequest {
-        n,
-        steps: Some(steps),
-        seed: Some(seed),
-        controls: if targets.is_empty() {
-            vec![]
-        } else {
-            vec![pb::Control {
-                guide: GUIDE.into(),
-                targets: targets.iter().map(|t| t.to_string()).collect(),
-                weight: None,
-            }]
-        },
-        ..Default::default()
-    }
+    dlm_tests::request(GUIDE, n, steps, seed, targets)
 }
 
 fn with_guidance(mut r: pb::GenerateRequest, g: pb::Guidance) -> pb::GenerateRequest {
