@@ -18,16 +18,18 @@ target/release/dlm-generator serve --model models/e2e-deep --port "$gen_port" --
     --guide "e2e-semantic=http://127.0.0.1:$guide_port" --guide "e2e-names=http://127.0.0.1:$guide_port/e2e-names" \
     --guide "e2e-pos=http://127.0.0.1:$guide_port/e2e-pos" --guide "e2e-spans=http://127.0.0.1:$guide_port/e2e-spans" &
 gen=$!
-echo "--- 3 texts steered to food=Italian, area=riverside (seed 1):"
+# The guided requests run the control preset (estimate space, the satisfaction gate, best of 4);
+# the last of them shows the default guidance, four candidates cheaper, on the same two fields.
+preset=(--guidance-space estimate --satisfied-prob 0.9 --best-of 4)
+echo "--- 3 texts steered to food=Italian, area=riverside, the control preset (seed 1):"
 target/release/dlm-generator generate --endpoint "http://127.0.0.1:$gen_port" --wait-s 120 \
-    --control food=Italian --control area=riverside --n 3 --seed 1
-echo "--- 3 texts steered to eatType=pub (guide e2e-semantic), near=The Sorrento (guide e2e-names) (seed 1):"
+    --control food=Italian --control area=riverside --n 3 --seed 1 "${preset[@]}"
+echo "--- 3 texts steered to eatType=pub (guide e2e-semantic), near=The Sorrento (guide e2e-names), the control preset (seed 1):"
+target/release/dlm-generator generate --endpoint "http://127.0.0.1:$gen_port" \
+    --control eatType=pub --control "near=The Sorrento" --n 3 --seed 1 "${preset[@]}"
+echo "--- the same under the default guidance (latent space, one candidate) (seed 1):"
 target/release/dlm-generator generate --endpoint "http://127.0.0.1:$gen_port" \
     --control eatType=pub --control "near=The Sorrento" --n 3 --seed 1
-echo "--- the same, guided in estimate space with the satisfaction gate (seed 1):"
-target/release/dlm-generator generate --endpoint "http://127.0.0.1:$gen_port" \
-    --control eatType=pub --control "near=The Sorrento" --n 3 --seed 1 \
-    --guidance-space estimate --satisfied-prob 0.9
 echo "--- 3 texts of exactly 10 words, no control (seed 1):"
 target/release/dlm-generator generate --endpoint "http://127.0.0.1:$gen_port" --n 3 --seed 1 --length 10
 echo "--- 3 texts steered to the tags DT NN VBZ DT JJ NN IN DT NN NN . (guide e2e-pos) (seed 1):"
