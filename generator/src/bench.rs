@@ -196,6 +196,7 @@ pub async fn guided(
                 index,
                 kind: SamplerKind::Ddpm,
                 clamp: true,
+                words: None,
             })
             .collect();
         let mut denoiser = Vec::new();

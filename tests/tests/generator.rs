@@ -128,6 +128,26 @@ async fn exact_length_and_infilling_hold_every_time() {
     }
 }
 
+/// An exact length at E2E's own (30 words): the words before the fixed END are a sentence, not the
+/// model's shorter one padded out with "." (before the clamp kept those positions to real words,
+/// 54% of these words were "."; E2E's references have about 8%).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exact_length_at_e2e_lengths_is_written_in_words_not_dots() {
+    let (_guide, generator) = stack().await;
+    let mut client = generator.client().await;
+    let mut r = request(8, 200, 2, &[]);
+    r.length = Some(30);
+    let texts = texts(client.generate(r).await.unwrap().into_inner());
+    let words: Vec<&str> = texts.iter().flat_map(|t| t.split(' ')).collect();
+    assert_eq!(words.len(), 8 * 30, "{texts:#?}");
+    let dots = words.iter().filter(|w| **w == ".").count();
+    assert!(
+        dots * 100 < words.len() * 15,
+        "{dots} of {} words are \".\": {texts:#?}",
+        words.len()
+    );
+}
+
 /// best_of k: each text is the best of k candidates by the model's reconstruction log p plus the
 /// guides' log p, so the returned text is one of the k texts the same seed samples as n × k plain
 /// texts would be (candidate j of text i is slot i·k + j), with the model's log p beside it.

@@ -93,6 +93,17 @@ pub struct SeqStep<'a> {
     pub index: usize,
     pub kind: SamplerKind,
     pub clamp: bool,
+    /// Where the sequence has a fixed length: positions 1..until must be words, so their clamp
+    /// snaps to the nearest row of `table` (the embedding with PAD/UNK/START/END out of reach), as
+    /// the final rounding does. Without it the model plans its own, shorter sentence and the
+    /// positions before the fixed END round to "." (teacher ratio 12 at E2E's lengths).
+    pub words: Option<WordsUntil<'a>>,
+}
+
+#[derive(Clone, Copy)]
+pub struct WordsUntil<'a> {
+    pub until: usize,
+    pub table: &'a Tensor,
 }
 
 /// A reverse step before noise is added: x_{i−1} = mean + sigma · ε. Guidance edits `mean`.
@@ -133,6 +144,28 @@ fn predict_x0(
     Ok((Tensor::cat(&raw, 0)?, Tensor::cat(&clamped, 0)?))
 }
 
+/// For sequences of a fixed length, the clamped estimate at positions 1..until re-snapped to the
+/// nearest real word (see `SeqStep::words`).
+fn clamp_fixed_length_to_words(x0: &Tensor, raw: &Tensor, seqs: &[SeqStep]) -> Result<Tensor> {
+    let Some(table) = seqs
+        .iter()
+        .find_map(|q| q.words.filter(|_| q.clamp).map(|w| w.table))
+    else {
+        return Ok(x0.clone());
+    };
+    let (b, l, _) = x0.dims3()?;
+    let mask: Vec<f32> = seqs
+        .iter()
+        .flat_map(|q| {
+            let until = q.words.filter(|_| q.clamp).map_or(0, |w| w.until);
+            (0..l).map(move |pos| (pos > 0 && pos < until) as u8 as f32)
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (b, l, 1), x0.device())?;
+    let words = crate::model::diffusion_lm::clamp_to_rows(raw, table)?;
+    Ok(x0.add(&words.sub(x0)?.broadcast_mul(&mask)?)?)
+}
+
 /// One reverse step for a batch whose sequences may each be at a different step of a different
 /// schedule, with different samplers: one denoiser forward serves them all.
 pub fn reverse_step(
@@ -157,6 +190,7 @@ pub fn reverse_step(
         let m = per_sequence(seqs.iter().map(|q| q.clamp as u8 as f64), device)?;
         raw.add(&clamped.sub(&raw)?.broadcast_mul(&m)?)?
     };
+    let x0 = clamp_fixed_length_to_words(&x0, &raw, seqs)?;
     // mean = a·x0 + b·x_t per sequence: DDPM's posterior mean, or DDIM's deterministic step.
     let (a, b): (Vec<f64>, Vec<f64>) = seqs
         .iter()
@@ -253,6 +287,7 @@ impl<'a> Sampler<'a> {
                 index: i,
                 kind: self.kind,
                 clamp: self.clamp,
+                words: None,
             })
             .collect();
         let p = reverse_step(self.model, x_t, &seqs, previous)?;

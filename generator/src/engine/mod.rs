@@ -22,7 +22,7 @@ use rand::rngs::StdRng;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::diffusion::likelihood::reconstruction_log_prob;
-use crate::diffusion::sampler::{normal_row, reverse_step, sequence_rng, SeqStep};
+use crate::diffusion::sampler::{normal_row, reverse_step, sequence_rng, SeqStep, WordsUntil};
 use crate::diffusion::{NoiseSchedule, SamplerKind};
 use crate::guidance::step::{final_scores, guide_rows, GuidedRow};
 pub use crate::guidance::Control;
@@ -219,9 +219,13 @@ pub fn start(
     let cfg = &model.model.config;
     let train_schedule = NoiseSchedule::new(cfg.schedule, cfg.diffusion_steps)?;
     let embedding = model.model.embedding().to_vec2::<f32>()?;
+    let words_table = model
+        .model
+        .embedding_without(&model.tokenizer.special_ids())?;
     let mut engine = Engine {
         train_schedule,
         embedding,
+        words_table,
         model,
         rt,
         options,
@@ -245,6 +249,11 @@ pub fn start(
     })
 }
 
+/// Where a request that fixed its length put END (the positions before it must be words).
+fn fixed_end(fixed: &[Option<u32>], end_id: u32) -> Option<usize> {
+    fixed.iter().position(|f| *f == Some(end_id))
+}
+
 struct Engine {
     model: Arc<LoadedModel>,
     rt: tokio::runtime::Handle,
@@ -260,6 +269,8 @@ struct Engine {
     train_schedule: NoiseSchedule,
     /// The word embeddings, for rewriting fixed positions.
     embedding: Vec<Vec<f32>>,
+    /// The embedding without PAD/UNK/START/END: what positions before a fixed END clamp to.
+    words_table: Tensor,
 }
 
 impl Engine {
@@ -493,22 +504,24 @@ impl Engine {
             Ok(Tensor::from_vec(data, (b, l, d), &device)?)
         };
         let (x, prev) = (gather(|s| &s.x)?, gather(|s| &s.prev)?);
-        let proposal = {
-            let steps: Vec<SeqStep> = ready
-                .iter()
-                .map(|&i| {
-                    let s = &self.seqs[i];
-                    let r = &self.running[&s.run];
-                    SeqStep {
-                        schedule: &r.schedule,
-                        index: s.index,
-                        kind: r.job.sampler,
-                        clamp: r.job.clamp,
-                    }
-                })
-                .collect();
-            reverse_step(lm, &x, &steps, Some(&prev))?
-        };
+        let end = self.model.tokenizer.end_id();
+        let steps: Vec<SeqStep> = ready
+            .iter()
+            .map(|&i| {
+                let r = &self.running[&self.seqs[i].run];
+                SeqStep {
+                    schedule: &r.schedule,
+                    index: self.seqs[i].index,
+                    kind: r.job.sampler,
+                    clamp: r.job.clamp,
+                    words: fixed_end(&r.job.fixed, end).map(|until| WordsUntil {
+                        until,
+                        table: &self.words_table,
+                    }),
+                }
+            })
+            .collect();
+        let proposal = reverse_step(lm, &x, &steps, Some(&prev))?;
         let mean = proposal.mean.flatten_all()?.to_vec1::<f32>()?;
         let x0 = proposal.x0.flatten_all()?.to_vec1::<f32>()?;
         let estimate = proposal.estimate.flatten_all()?.to_vec1::<f32>()?;
@@ -668,8 +681,8 @@ impl Engine {
             .logits(&row)?
             .squeeze(0)?
             .to_vec2::<f32>()?;
-        let end = fixed.iter().position(|f| *f == Some(tok.end_id()));
-        let special = [tok.pad_id(), tok.unk_id(), tok.start_id(), tok.end_id()];
+        let end = fixed_end(fixed, tok.end_id());
+        let special = tok.special_ids();
         Ok(logits
             .iter()
             .enumerate()

@@ -105,20 +105,38 @@ impl DiffusionLm {
 
     /// The clamping trick: replaces every vector by its nearest word embedding (L2).
     pub fn clamp_to_embeddings(&self, x0: &Tensor) -> candle_core::Result<Tensor> {
-        if x0.device().is_cpu() {
-            return super::ops::nearest_rows(x0, &self.embedding);
-        }
-        let (b, l, d) = x0.dims3()?;
-        let flat = x0.reshape((b * l, d))?;
-        // ‖x − e‖² = ‖x‖² − 2x·e + ‖e‖²; ‖x‖² is the same for every e, so it can be left out.
-        let e_sq = self.embedding.sqr()?.sum(1)?;
-        let dist = flat
-            .matmul(&self.embedding.t()?)?
-            .affine(-2.0, 0.0)?
-            .broadcast_add(&e_sq)?;
-        let nearest = dist.argmin(1)?;
-        self.embedding.index_select(&nearest, 0)?.reshape((b, l, d))
+        clamp_to_rows(x0, &self.embedding)
     }
+
+    /// The embedding with the rows of `excluded` moved out of reach of the clamp: a table whose
+    /// nearest row to any estimate is a word outside `excluded`.
+    pub fn embedding_without(&self, excluded: &[u32]) -> candle_core::Result<Tensor> {
+        let mut rows = self.embedding.to_vec2::<f32>()?;
+        for &id in excluded {
+            if let Some(row) = rows.get_mut(id as usize) {
+                row.fill(1e4);
+            }
+        }
+        let (v, d) = self.embedding.dims2()?;
+        Tensor::from_vec(rows.concat(), (v, d), self.embedding.device())
+    }
+}
+
+/// Each vector of x0 [B, L, D] replaced by its nearest row of `table` [V, D] (L2).
+pub fn clamp_to_rows(x0: &Tensor, table: &Tensor) -> candle_core::Result<Tensor> {
+    if x0.device().is_cpu() {
+        return super::ops::nearest_rows(x0, table);
+    }
+    let (b, l, d) = x0.dims3()?;
+    let flat = x0.reshape((b * l, d))?;
+    // ‖x − e‖² = ‖x‖² − 2x·e + ‖e‖²; ‖x‖² is the same for every e, so it can be left out.
+    let e_sq = table.sqr()?.sum(1)?;
+    let dist = flat
+        .matmul(&table.t()?)?
+        .affine(-2.0, 0.0)?
+        .broadcast_add(&e_sq)?;
+    let nearest = dist.argmin(1)?;
+    table.index_select(&nearest, 0)?.reshape((b, l, d))
 }
 
 /// A model directory loaded for inference: weights, config and tokenizer.

@@ -151,6 +151,10 @@ impl WordTokenizer {
     pub fn end_id(&self) -> u32 {
         self.end
     }
+    /// PAD, UNK, START and END: the ids that are not words.
+    pub fn special_ids(&self) -> [u32; 4] {
+        [self.pad, self.unk, self.start, self.end]
+    }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
