@@ -260,3 +260,44 @@ pub fn save_weights(dir: &Path, weights: &HashMap<String, Tensor>) -> Result<()>
     let target = dir.join(WEIGHTS_FILE);
     std::fs::rename(&tmp, &target).map_err(|e| Error::io(&target, e))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What positions before a fixed END clamp to: never an excluded row, and where the nearest
+    /// row is excluded, the nearest of the others.
+    #[test]
+    fn a_table_without_some_rows_never_clamps_to_them() {
+        let config = ModelConfig {
+            vocab_size: 30,
+            ..Default::default()
+        };
+        let (model, _) = build(&config, &Device::Cpu, 0).unwrap();
+        let excluded = [0u32, 1, 2, 3];
+        let table = model.embedding_without(&excluded).unwrap();
+        let e = model.embedding().to_vec2::<f32>().unwrap();
+        let d = e[0].len();
+        // Each excluded embedding itself (its nearest row is excluded), then random points.
+        let mut rows: Vec<f32> = excluded
+            .iter()
+            .flat_map(|&i| e[i as usize].clone())
+            .collect();
+        let random = Tensor::randn(0f32, 1.0, (1, 12, d), &Device::Cpu).unwrap();
+        rows.extend(random.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let n = rows.len() / d;
+        let x = Tensor::from_vec(rows.clone(), (1, n, d), &Device::Cpu).unwrap();
+        let got = clamp_to_rows(&x, &table).unwrap().squeeze(0).unwrap();
+        let got = got.to_vec2::<f32>().unwrap();
+        let dist =
+            |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(p, q)| (p - q).powi(2)).sum::<f32>();
+        for (k, g) in got.iter().enumerate() {
+            let x = &rows[k * d..(k + 1) * d];
+            let best = (0..e.len())
+                .filter(|i| !excluded.contains(&(*i as u32)))
+                .min_by(|&a, &b| dist(x, &e[a]).total_cmp(&dist(x, &e[b])))
+                .unwrap();
+            assert_eq!(g, &e[best], "row {k}");
+        }
+    }
+}
