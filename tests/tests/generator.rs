@@ -80,9 +80,10 @@ async fn the_demo_request_says_its_food_in_every_text() {
 }
 
 /// The README's first demo request as the demo sends it, under the control preset (estimate space,
-/// the satisfaction gate, best of 4): every text says both fields and none doubles a word — where the default (latent) update on
-/// these seeds says "an italian italian eatery", and so does the preset with one candidate ("an
-/// italian italian restaurant", step 60,000; at step 31,500 one candidate was enough).
+/// the satisfaction gate, best of 4): every text says both fields and none doubles a word — where
+/// the default (latent) update on these seeds says "an italian italian eatery", and so does the
+/// preset with one candidate ("an italian italian restaurant", step 60,000; at step 31,500 one
+/// candidate was enough).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_request_under_the_control_preset_says_both_fields_without_stutter() {
     let (_guide, generator) = stack().await;

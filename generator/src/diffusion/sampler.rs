@@ -96,8 +96,15 @@ pub struct SeqStep<'a> {
     /// Where the sequence has a fixed length: positions 1..until must be words, so their clamp
     /// snaps to the nearest row of `table` (the embedding with PAD/UNK/START/END out of reach), as
     /// the final rounding does. Without it the model plans its own, shorter sentence and the
-    /// positions before the fixed END round to "." (teacher ratio 12 at E2E's lengths).
+    /// positions before the fixed END round to "." (teacher ratio 11–12 at E2E's lengths).
     pub words: Option<WordsUntil<'a>>,
+}
+
+impl<'a> SeqStep<'a> {
+    /// The words constraint where it applies: only a sequence that clamps has one.
+    fn clamped_words(&self) -> Option<WordsUntil<'a>> {
+        self.words.filter(|_| self.clamp)
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -147,17 +154,14 @@ fn predict_x0(
 /// For sequences of a fixed length, the clamped estimate at positions 1..until re-snapped to the
 /// nearest real word (see `SeqStep::words`).
 fn clamp_fixed_length_to_words(x0: &Tensor, raw: &Tensor, seqs: &[SeqStep]) -> Result<Tensor> {
-    let Some(table) = seqs
-        .iter()
-        .find_map(|q| q.words.filter(|_| q.clamp).map(|w| w.table))
-    else {
+    let Some(table) = seqs.iter().find_map(|q| q.clamped_words().map(|w| w.table)) else {
         return Ok(x0.clone());
     };
     let (b, l, _) = x0.dims3()?;
     let mask: Vec<f32> = seqs
         .iter()
         .flat_map(|q| {
-            let until = q.words.filter(|_| q.clamp).map_or(0, |w| w.until);
+            let until = q.clamped_words().map_or(0, |w| w.until);
             (0..l).map(move |pos| (pos > 0 && pos < until) as u8 as f32)
         })
         .collect();
