@@ -122,6 +122,10 @@ struct GuidanceArgs {
     /// Guide down to this sampling step (default: none in the last 10).
     #[arg(long, env = "DLM_GUIDE_UNTIL")]
     guide_until: Option<u32>,
+    /// With --guidance-space estimate: edit the estimate down to this sampling step and the
+    /// latents below it (default 0: the estimate throughout; the control preset: 150 of 200).
+    #[arg(long, env = "DLM_ESTIMATE_UNTIL")]
+    estimate_until: Option<u32>,
     /// A guide stops pulling a text while it reads its targets in the current x0 estimate with
     /// p(c | x0) at least this (default 1 = always pull).
     #[arg(long, env = "DLM_SATISFIED_PROB")]
@@ -158,6 +162,7 @@ impl GuidanceArgs {
             fluency_weight: self.fluency_weight,
             start_step: self.guide_from,
             stop_step: self.guide_until,
+            estimate_until: self.estimate_until,
             satisfied_prob: self.satisfied_prob,
             space: space as i32,
         };

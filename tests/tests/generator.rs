@@ -220,6 +220,47 @@ async fn a_satisfied_guide_leaves_the_text_alone() {
     }
 }
 
+/// `guidance.estimate_until` hands estimate-space guidance over to latent space from that step
+/// down: at the request's own step count it is latent space from the first step, so the texts are
+/// latent space's (same seed), while the estimate throughout (0) steers them elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn estimate_space_hands_over_to_latent_space_at_estimate_until() {
+    let (_guide, generator) = stack().await;
+    let mut client = generator.client().await;
+    let guided = |space: pb::GuidanceSpace, estimate_until: Option<u32>| {
+        let mut r = request(3, 30, 5, &["food=Italian"]);
+        r.guidance = Some(pb::Guidance {
+            space: space as i32,
+            estimate_until,
+            ..Default::default()
+        });
+        r
+    };
+    let latent = texts(
+        client
+            .generate(guided(pb::GuidanceSpace::Latent, None))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let handed_over = texts(
+        client
+            .generate(guided(pb::GuidanceSpace::Estimate, Some(30)))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(handed_over, latent);
+    let throughout = texts(
+        client
+            .generate(guided(pb::GuidanceSpace::Estimate, Some(0)))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_ne!(throughout, latent);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_are_invalid_argument_naming_the_problem() {
     let (_guide, generator) = stack().await;

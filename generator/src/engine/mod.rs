@@ -551,7 +551,10 @@ impl Engine {
                 // The guide sees the latents at the level they move to: step index − 1.
                 t: r.schedule.timesteps[s.index.saturating_sub(1)] as i64,
                 controls: Arc::clone(&r.job.controls),
-                config: r.job.guidance,
+                config: GuidanceConfig {
+                    space: r.job.guidance.space_at(s.index),
+                    ..r.job.guidance
+                },
             };
             let id = s.id;
             self.seqs[i].pending = Some(Pending { x0, sigma });

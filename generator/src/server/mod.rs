@@ -317,6 +317,7 @@ pub fn guidance_config(g: &pb::Guidance) -> Result<GuidanceConfig> {
         fluency_weight: g.fluency_weight.unwrap_or(d.fluency_weight),
         start_step: g.start_step.map(|v| v as usize),
         stop_step: g.stop_step.map(|v| v as usize).unwrap_or(d.stop_step),
+        estimate_until: g.estimate_until.map_or(d.estimate_until, |v| v as usize),
         satisfied_prob: g.satisfied_prob.unwrap_or(d.satisfied_prob),
     };
     guidance.validate()?;
