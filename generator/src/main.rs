@@ -122,8 +122,8 @@ struct GuidanceArgs {
     /// Guide down to this sampling step (default: none in the last 10).
     #[arg(long, env = "DLM_GUIDE_UNTIL")]
     guide_until: Option<u32>,
-    /// With --guidance-space estimate: edit the estimate down to this sampling step and the
-    /// latents below it (default 0: the estimate throughout; the control preset: 150 of 200).
+    /// With --guidance-space estimate: edit the estimate above this sampling step and the latents
+    /// from it down (default 0: the estimate throughout; 150 of 200 measured best, README).
     #[arg(long, env = "DLM_ESTIMATE_UNTIL")]
     estimate_until: Option<u32>,
     /// A guide stops pulling a text while it reads its targets in the current x0 estimate with

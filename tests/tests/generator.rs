@@ -227,37 +227,22 @@ async fn a_satisfied_guide_leaves_the_text_alone() {
 async fn estimate_space_hands_over_to_latent_space_at_estimate_until() {
     let (_guide, generator) = stack().await;
     let mut client = generator.client().await;
-    let guided = |space: pb::GuidanceSpace, estimate_until: Option<u32>| {
+    let mut got = Vec::new();
+    for (space, estimate_until) in [
+        (pb::GuidanceSpace::Latent, None),
+        (pb::GuidanceSpace::Estimate, Some(30)),
+        (pb::GuidanceSpace::Estimate, Some(0)),
+    ] {
         let mut r = request(3, 30, 5, &["food=Italian"]);
         r.guidance = Some(pb::Guidance {
             space: space as i32,
             estimate_until,
             ..Default::default()
         });
-        r
-    };
-    let latent = texts(
-        client
-            .generate(guided(pb::GuidanceSpace::Latent, None))
-            .await
-            .unwrap()
-            .into_inner(),
-    );
-    let handed_over = texts(
-        client
-            .generate(guided(pb::GuidanceSpace::Estimate, Some(30)))
-            .await
-            .unwrap()
-            .into_inner(),
-    );
+        got.push(texts(client.generate(r).await.unwrap().into_inner()));
+    }
+    let [latent, handed_over, throughout] = <[_; 3]>::try_from(got).unwrap();
     assert_eq!(handed_over, latent);
-    let throughout = texts(
-        client
-            .generate(guided(pb::GuidanceSpace::Estimate, Some(0)))
-            .await
-            .unwrap()
-            .into_inner(),
-    );
     assert_ne!(throughout, latent);
 }
 

@@ -69,7 +69,7 @@ pub struct GuidanceConfig {
     /// early, on a sentence the guides can read; latent-space edits late leave the denoiser room
     /// to write the sentence around them. Three fields at once under the preset, 100 targets:
     /// 82.0% all realised at teacher ratio 1.525 (estimate throughout) → 78.0% at 1.187 (the
-    /// estimate down to step 150 of 200; README, Guidance that scales).
+    /// estimate above step 150 of 200; README, Estimate early, latent late).
     pub estimate_until: usize,
     /// A guide leaves a text alone while it reads its targets in the current x0 estimate with
     /// p(c | x̂0) at least this (≥ 1: never; the engine asks at t = 0). Without it, a satisfied
@@ -232,7 +232,7 @@ mod tests {
             ..c
         };
         assert!(gated.satisfied(0.95f32.ln()) && !gated.satisfied(0.5f32.ln()));
-        // The estimate down to step 150 exclusive, the latents from it; latent space stays latent.
+        // The estimate above step 150, the latents from it down; latent space stays latent.
         let hybrid = GuidanceConfig {
             space: GuidanceSpace::Estimate,
             estimate_until: 150,
