@@ -120,13 +120,28 @@ async fn the_playground_runs_a_guided_generation_in_a_browser() {
          const r = request();
          document.getElementById('pos').value = '';
          document.getElementById('span').value = '';
-         return {shown: !document.getElementById('syntax').hidden, syntax: r.syntax};",
+         return {shown: !document.getElementById('syntax').hidden, syntax: r.syntax,
+                 guidance: r.guidance || null};",
     );
     assert_eq!(
         syntax,
         json!({"shown": true, "syntax": {"pos": ["DT", "NN", "VBZ"],
-               "spans": [{"start": 0, "end": 1, "label": "NP"}]}}),
+               "spans": [{"start": 0, "end": 1, "label": "NP"}]}, "guidance": null}),
         "{syntax}"
+    );
+    // The guidance modes: the server's default sends none; the control preset and its late
+    // hand-over (estimate for the first quarter of 200 steps) send the README's settings.
+    let late = script(
+        "document.getElementById('guidance').value = 'late';
+         const r = request();
+         document.getElementById('guidance').value = 'default';
+         return {guidance: r.guidance, bestOf: r.bestOf};",
+    );
+    assert_eq!(
+        late,
+        json!({"guidance": {"space": "GUIDANCE_SPACE_ESTIMATE", "satisfiedProb": 0.9,
+               "estimateUntil": 150}, "bestOf": 4}),
+        "{late}"
     );
     script(
         "document.querySelector('select[data-field=food]').value = 'Italian';

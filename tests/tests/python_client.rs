@@ -78,13 +78,16 @@ async fn the_python_client_steers_and_streams() {
     assert!(streamed.contains("to go]"), "{streamed}");
     assert!(streamed.ends_with(&format!("{}\n", texts[1])), "{streamed}");
 
-    // The control preset through the client is the same request as through gRPC: estimate space,
-    // the gate, best of 2 (the texts differ from the default's, so dropped options would show).
+    // The control preset with its late hand-over through the client is the same request as
+    // through gRPC: estimate space until step 150, the gate, best of 2 (the texts differ from the
+    // default's and from the estimate throughout, so a dropped option would show).
     let preset = run(&[
         "--guidance-space",
         "estimate",
         "--satisfied-prob",
         "0.9",
+        "--estimate-until",
+        "150",
         "--best-of",
         "2",
     ]);
@@ -93,8 +96,17 @@ async fn the_python_client_steers_and_streams() {
         satisfied_prob: Some(0.9),
         ..Default::default()
     };
-    let preset_texts = grpc_texts(&generator, Some(2), Some(guidance)).await;
+    let estimate_throughout = grpc_texts(&generator, Some(2), Some(guidance.clone())).await;
+    let late = pb::Guidance {
+        estimate_until: Some(150),
+        ..guidance
+    };
+    let preset_texts = grpc_texts(&generator, Some(2), Some(late)).await;
     assert_ne!(preset_texts, texts, "the preset changed nothing");
+    assert_ne!(
+        preset_texts, estimate_throughout,
+        "estimate_until changed nothing"
+    );
     assert_eq!(
         &preset.lines().skip(1).collect::<Vec<_>>()[..],
         &preset_texts[..],

@@ -83,8 +83,8 @@ class Client:
                 guidance_space: Optional[str] = None, satisfied_prob: Optional[float] = None,
                 guidance_steps: Optional[int] = None, step_size: Optional[float] = None,
                 guidance_update: Optional[str] = None, fluency_weight: Optional[float] = None,
-                guide_from: Optional[int] = None, guide_until: Optional[int] = None
-                ) -> pb.GenerateRequest:
+                guide_from: Optional[int] = None, guide_until: Optional[int] = None,
+                estimate_until: Optional[int] = None) -> pb.GenerateRequest:
         """A GenerateRequest: `controls` as {"food": "Italian"} or ["food=Italian"]; `template`
         as words with "_" for blanks; `pos` as "DT NN VBZ …" (a tag per word, "_" = any) and
         `spans` as [(start, end, "NP")] (word indices from 0, end inclusive) for the syntax guides.
@@ -102,7 +102,7 @@ class Client:
         _set_given(g, [("satisfied_prob", satisfied_prob),
                        ("steps_per_diffusion_step", guidance_steps), ("step_size", step_size),
                        ("fluency_weight", fluency_weight), ("start_step", guide_from),
-                       ("stop_step", guide_until)])
+                       ("stop_step", guide_until), ("estimate_until", estimate_until)])
         targets = _targets(controls)
         if targets:
             c = r.controls.add(guide=guide, targets=targets)

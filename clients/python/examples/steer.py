@@ -12,9 +12,11 @@ p.add_argument("--stream", action="store_true", help="print the x0 texts as they
 p.add_argument("--best-of", type=int, help="candidates per text, the best by the model's and guides' log p")
 p.add_argument("--guidance-space", choices=["latent", "estimate"], help="default: the server's (latent)")
 p.add_argument("--satisfied-prob", type=float, help="a guide stops pulling a text it reads as satisfied")
+p.add_argument("--estimate-until", type=int,
+               help="in estimate space, edit the latents from this step down (e.g. 150)")
 args = p.parse_args()
 options = dict(seed=args.seed, best_of=args.best_of, guidance_space=args.guidance_space,
-               satisfied_prob=args.satisfied_prob)
+               satisfied_prob=args.satisfied_prob, estimate_until=args.estimate_until)
 
 with dlm.Client(args.endpoint, timeout=120) as client:
     fields = {f.name for g in client.describe().guides for f in g.fields}

@@ -96,7 +96,7 @@ class Span(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., label: _Optional[str] = ...) -> None: ...
 
 class Guidance(_message.Message):
-    __slots__ = ("steps_per_diffusion_step", "step_size", "update", "fluency_weight", "start_step", "stop_step", "satisfied_prob", "space")
+    __slots__ = ("steps_per_diffusion_step", "step_size", "update", "fluency_weight", "start_step", "stop_step", "satisfied_prob", "space", "estimate_until")
     STEPS_PER_DIFFUSION_STEP_FIELD_NUMBER: _ClassVar[int]
     STEP_SIZE_FIELD_NUMBER: _ClassVar[int]
     UPDATE_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,7 @@ class Guidance(_message.Message):
     STOP_STEP_FIELD_NUMBER: _ClassVar[int]
     SATISFIED_PROB_FIELD_NUMBER: _ClassVar[int]
     SPACE_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATE_UNTIL_FIELD_NUMBER: _ClassVar[int]
     steps_per_diffusion_step: int
     step_size: float
     update: GuidanceUpdate
@@ -113,7 +114,8 @@ class Guidance(_message.Message):
     stop_step: int
     satisfied_prob: float
     space: GuidanceSpace
-    def __init__(self, steps_per_diffusion_step: _Optional[int] = ..., step_size: _Optional[float] = ..., update: _Optional[_Union[GuidanceUpdate, str]] = ..., fluency_weight: _Optional[float] = ..., start_step: _Optional[int] = ..., stop_step: _Optional[int] = ..., satisfied_prob: _Optional[float] = ..., space: _Optional[_Union[GuidanceSpace, str]] = ...) -> None: ...
+    estimate_until: int
+    def __init__(self, steps_per_diffusion_step: _Optional[int] = ..., step_size: _Optional[float] = ..., update: _Optional[_Union[GuidanceUpdate, str]] = ..., fluency_weight: _Optional[float] = ..., start_step: _Optional[int] = ..., stop_step: _Optional[int] = ..., satisfied_prob: _Optional[float] = ..., space: _Optional[_Union[GuidanceSpace, str]] = ..., estimate_until: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("n", "steps", "sampler", "seed", "clamp", "controls", "length", "infill", "guidance", "progress_every", "best_of", "syntax")
