@@ -75,6 +75,17 @@ async fn non_finite_settings_fail_only_their_own_request() {
             "guidance.fluency_weight",
         ),
         (
+            with_guidance(
+                request(2, 60, 2, &["food=Italian"]),
+                pb::Guidance {
+                    space: pb::GuidanceSpace::Estimate as i32,
+                    estimate_until: Some(60),
+                    ..Default::default()
+                },
+            ),
+            "guidance.estimate_until",
+        ),
+        (
             {
                 let mut r = request(2, 60, 2, &["food=Italian"]);
                 r.controls[0].weight = Some(f32::NAN);
@@ -96,7 +107,7 @@ async fn non_finite_settings_fail_only_their_own_request() {
     assert_eq!(resp.samples.len(), 4);
     let metrics = generator.metrics();
     assert!(
-        metrics.contains("dlm_generator_requests_total{status=\"invalid_argument\"} 5"),
+        metrics.contains("dlm_generator_requests_total{status=\"invalid_argument\"} 6"),
         "{metrics}"
     );
 }

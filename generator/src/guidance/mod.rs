@@ -157,6 +157,22 @@ impl GuidanceConfig {
         )
     }
 
+    /// Checks the settings that count sampling steps against the request's `steps`: a hand-over
+    /// at or past the first step would leave estimate space unused, a sign of a value meant for
+    /// another step count.
+    pub fn check_steps(&self, steps: usize) -> crate::Result<()> {
+        if self.space == GuidanceSpace::Estimate && self.estimate_until >= steps {
+            return Err(crate::Error::invalid(
+                "guidance.estimate_until",
+                format!(
+                    "must be below steps ({steps}) in estimate space, got {}",
+                    self.estimate_until
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether a guide that gives a text's x0 estimate `log_p` = log p(c | x̂0) leaves it alone.
     pub fn satisfied(&self, log_p: f32) -> bool {
         self.satisfied_prob < 1.0 && log_p >= self.satisfied_prob.ln()

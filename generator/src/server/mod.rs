@@ -247,6 +247,7 @@ impl GeneratorService {
             }
         }
         let guidance = guidance_config(&r.guidance.unwrap_or_default())?;
+        guidance.check_steps(steps)?;
         Ok(Job {
             id,
             n,
