@@ -397,13 +397,20 @@ fn signal(pid: u32, which: &str) {
 /// The admin token the tests' servers are started with (`--admin-token-file`, [`admin_token_file`]).
 pub const ADMIN_TOKEN: &str = "dlm-test-admin-token-6f1c2a";
 
-/// A file holding [`ADMIN_TOKEN`].
+/// A file holding [`ADMIN_TOKEN`]: one path for every test process (a name per process left one
+/// file behind per test binary), written by rename so that a server never reads it half-written.
 pub fn admin_token_file() -> PathBuf {
-    let path = std::env::temp_dir().join(format!("dlm-test-admin-token-{}", std::process::id()));
-    if !path.exists() {
-        std::fs::write(&path, format!("{ADMIN_TOKEN}\n")).unwrap();
-    }
-    path
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        use std::io::Write;
+        let dir = std::env::temp_dir();
+        let path = dir.join("dlm-test-admin-token");
+        let mut file = tempfile::NamedTempFile::new_in(&dir).unwrap();
+        writeln!(file, "{ADMIN_TOKEN}").unwrap();
+        file.persist(&path).unwrap();
+        path
+    })
+    .clone()
 }
 
 /// `msg` as an admin call: metadata `authorization: Bearer <ADMIN_TOKEN>`.

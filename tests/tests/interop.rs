@@ -55,7 +55,18 @@ impl MlServer {
 
 impl Drop for MlServer {
     fn drop(&mut self) {
-        // serve.sh execs mlserver, which runs its servers in child processes: end the group.
+        // TERM lets serve.sh stop MLServer and remove its model folder; if it is not gone in
+        // 20 s, end its children (MLServer) and it.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let _ = Command::new("pkill")
             .args(["-TERM", "-P", &self.child.id().to_string()])
             .status();

@@ -44,10 +44,23 @@ fn webdriver(port: u16, method: &str, path: &str, body: Option<Value>) -> Value 
 struct Driver {
     port: u16,
     child: Child,
+    session: Option<String>,
 }
 
 impl Drop for Driver {
     fn drop(&mut self) {
+        // End the session first: the browser then quits and removes its profile and scoped
+        // directories from the temp dir, which a killed driver leaves behind. Never panics here.
+        if let Some(id) = &self.session {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                let _ = write!(
+                    s,
+                    "DELETE /session/{id} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+                );
+                let _ = s.read(&mut [0u8; 1024]);
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -64,7 +77,11 @@ async fn the_playground_runs_a_guided_generation_in_a_browser() {
         .stderr(Stdio::null())
         .spawn()
         .expect("chromedriver (Debian's chromium-driver, installed by deploy/setup.sh)");
-    let driver = Driver { port, child };
+    let mut driver = Driver {
+        port,
+        child,
+        session: None,
+    };
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "chromedriver did not start");
@@ -84,6 +101,7 @@ async fn the_playground_runs_a_guided_generation_in_a_browser() {
         .as_str()
         .expect("a WebDriver session")
         .to_string();
+    driver.session = Some(id.clone());
     let call = |method: &str, path: &str, body: Option<Value>| {
         webdriver(driver.port, method, &format!("/session/{id}{path}"), body)
     };

@@ -4,7 +4,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 model="$(realpath "$1")"; name="$2"
-work="$(mktemp -d)"; trap 'rm -rf "$work"' EXIT
+work="$(mktemp -d)"
 mkdir -p "$work/$name"
 cp "$here/runtime.py" "$work/$name/"
 cat > "$work/$name/model-settings.json" <<JSON
@@ -12,4 +12,11 @@ cat > "$work/$name/model-settings.json" <<JSON
 JSON
 export MLSERVER_GRPC_PORT="$3" MLSERVER_HTTP_PORT="$4" MLSERVER_METRICS_ENDPOINT="" MLSERVER_PARALLEL_WORKERS=0
 cd "$work/$name"
-exec "${MLSERVER:-mlserver}" start "$work"
+# Not exec: this shell stays to stop the server and remove the model folder when it is stopped
+# (TERM, INT) or the server ends.
+"${MLSERVER:-mlserver}" start "$work" &
+server=$!
+trap 'kill -TERM "$server" 2>/dev/null || true; wait "$server" || true; rm -rf "$work"' EXIT
+trap 'exit 143' TERM
+trap 'exit 130' INT
+wait "$server"
