@@ -217,6 +217,11 @@ struct EvalControlArgs {
     /// Also write every text, as JSON lines {field, value, guided, text, realised}, to this file.
     #[arg(long, env = "DLM_TEXTS")]
     texts: Option<PathBuf>,
+    /// Each text's length, guided and unguided alike: free (the model decides), a number of
+    /// words, or auto (the median length of the train references with as many fields as the
+    /// target, at most 38).
+    #[arg(long, env = "DLM_LENGTH", default_value = "free")]
+    length: dlm_generator::eval::control::TextLength,
 }
 
 #[derive(Args)]
@@ -1526,7 +1531,9 @@ async fn generate_all(
 }
 
 fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
-    use dlm_generator::eval::control::{draw_targets, rates, realises, realises_all, Target};
+    use dlm_generator::eval::control::{
+        draw_targets, median_lengths, rates, realises, realises_all, Target, TextLength,
+    };
     use dlm_generator::text::read_e2e;
     use dlm_proto::dlm::v1 as pb;
     use rand::SeedableRng;
@@ -1534,6 +1541,15 @@ fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
     let mrs: Vec<_> = test.into_iter().map(|r| r.mr).collect();
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.run.seed);
     let targets = draw_targets(&mrs, args.fields, args.targets, &mut rng);
+    let medians = match args.length {
+        TextLength::Auto => median_lengths(&read_e2e(&args.run.data_dir.join(data::TRAIN_FILE))?),
+        _ => Default::default(),
+    };
+    let length_of = |target: &Target| match args.length {
+        TextLength::Free => None,
+        TextLength::Words(k) => Some(k as u32),
+        TextLength::Auto => medians.get(&target.len()).map(|&k| k.min(38) as u32),
+    };
     let rt = tokio::runtime::Runtime::new()?;
     // Per target, a guided request and an unguided one on the same seed.
     let requests: Vec<pb::GenerateRequest> = targets
@@ -1544,6 +1560,7 @@ fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
                 n: args.n,
                 steps: Some(args.run.steps),
                 seed: Some(args.run.seed * 1_000_003 + i as u64),
+                length: length_of(target),
                 ..Default::default()
             };
             let mut guided = base.clone();

@@ -84,6 +84,53 @@ impl std::str::FromStr for FieldCount {
     }
 }
 
+/// How long eval-control asks each text to be (the request's `length`, guided and unguided alike).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextLength {
+    /// The model decides.
+    Free,
+    /// This many words.
+    Words(usize),
+    /// As long as E2E's own texts that say as many fields: the median length of the train
+    /// references whose MR has that many fields ([`median_lengths`]). A whole MR of 7–8 fields
+    /// takes 30–33 words there, half again the model's usual length.
+    Auto,
+}
+
+impl std::str::FromStr for TextLength {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "free" => Ok(TextLength::Free),
+            "auto" => Ok(TextLength::Auto),
+            k => match k.parse::<usize>() {
+                Ok(k) if k > 0 => Ok(TextLength::Words(k)),
+                _ => Err(format!("`{k}`: a number of words, `free` or `auto`")),
+            },
+        }
+    }
+}
+
+/// Number of MR fields → the median length in words of the references with that many.
+pub fn median_lengths(records: &[crate::text::e2e::E2eRecord]) -> HashMap<usize, usize> {
+    let mut by_fields: HashMap<usize, Vec<usize>> = HashMap::new();
+    for r in records {
+        if let Some(text) = &r.text {
+            by_fields
+                .entry(r.mr.0.len())
+                .or_default()
+                .push(words(text).len());
+        }
+    }
+    by_fields
+        .into_iter()
+        .map(|(k, mut lengths)| {
+            lengths.sort_unstable();
+            (k, lengths[lengths.len() / 2])
+        })
+        .collect()
+}
+
 /// A target: (field, value) pairs from one meaning representation.
 pub type Target = Vec<(String, String)>;
 
@@ -223,6 +270,30 @@ mod tests {
         assert!(realises_all("an italian place by the river", &results[0].0));
         assert_eq!("all".parse::<FieldCount>(), Ok(FieldCount::All));
         assert!("9".parse::<FieldCount>().is_err());
+    }
+
+    #[test]
+    fn auto_length_is_the_median_of_references_with_as_many_fields() {
+        use crate::text::e2e::{E2eRecord, MeaningRepresentation};
+        let record = |fields: usize, text: &str| E2eRecord {
+            mr: MeaningRepresentation(vec![("food".into(), "Italian".into()); fields]),
+            text: Some(text.into()),
+        };
+        let records = vec![
+            record(3, "a b c"),
+            record(3, "a b c d e"),
+            record(3, "a b c d e f g"),
+            record(5, "one , two ."),
+        ];
+        let medians = median_lengths(&records);
+        assert_eq!(medians.get(&3), Some(&5));
+        assert_eq!(medians.get(&5), Some(&4), "punctuation counts as words");
+        assert_eq!(medians.get(&4), None);
+        assert_eq!("auto".parse::<TextLength>(), Ok(TextLength::Auto));
+        assert_eq!("free".parse::<TextLength>(), Ok(TextLength::Free));
+        assert_eq!("30".parse::<TextLength>(), Ok(TextLength::Words(30)));
+        assert!("0".parse::<TextLength>().is_err());
+        assert!("long".parse::<TextLength>().is_err());
     }
 
     #[test]
