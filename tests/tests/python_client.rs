@@ -96,7 +96,7 @@ async fn the_python_client_steers_and_streams() {
         satisfied_prob: Some(0.9),
         ..Default::default()
     };
-    let estimate_throughout = grpc_texts(&generator, Some(2), Some(guidance.clone())).await;
+    let estimate_throughout = grpc_texts(&generator, Some(2), Some(guidance)).await;
     let late = pb::Guidance {
         estimate_until: Some(150),
         ..guidance

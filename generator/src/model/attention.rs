@@ -202,13 +202,16 @@ pub fn packed_attention_inference(qkv: &Tensor, heads: usize, causal: bool) -> R
 }
 
 /// The q, k and v storages of one call, checked to share one [B, L, H] shape, with its dims.
+/// q, k and v as slices, with their dimensions.
+type QkvOperands<'a> = (&'a [f32], &'a [f32], &'a [f32], Dims);
+
 fn qkv_operands<'a>(
     op: &str,
     heads: Heads,
     (sq, lq): (&'a CpuStorage, &Layout),
     (sk, lk): (&'a CpuStorage, &Layout),
     (sv, lv): (&'a CpuStorage, &Layout),
-) -> Result<(&'a [f32], &'a [f32], &'a [f32], Dims)> {
+) -> Result<QkvOperands<'a>> {
     if lk.shape() != lq.shape() || lv.shape() != lq.shape() {
         candle_core::bail!("{op}: q, k and v shapes differ");
     }

@@ -185,17 +185,17 @@ fn dense_onto(y: &mut [f32], x: &[f32], w: &[f32], n: usize, inp: usize, out: us
 /// no transposed copy of W).
 struct Dense;
 
+/// x, W and the third operand as slices, with n, inputs and outputs.
+type DenseOperands<'a> = (&'a [f32], &'a [f32], &'a [f32], usize, usize, usize);
+
 /// The operands of [`Dense`] and [`DenseBackward`] (whose third is the output gradient, not b).
 fn dense_operands<'a>(
     op: &str,
     third_is_grad: bool,
-    s1: &'a CpuStorage,
-    l1: &Layout,
-    s2: &'a CpuStorage,
-    l2: &Layout,
-    s3: &'a CpuStorage,
-    l3: &Layout,
-) -> Result<(&'a [f32], &'a [f32], &'a [f32], usize, usize, usize)> {
+    (s1, l1): (&'a CpuStorage, &Layout),
+    (s2, l2): (&'a CpuStorage, &Layout),
+    (s3, l3): (&'a CpuStorage, &Layout),
+) -> Result<DenseOperands<'a>> {
     let (n, inp) = l1.shape().dims2()?;
     let (out, w_inp) = l2.shape().dims2()?;
     let third = if third_is_grad { n * out } else { out };
@@ -231,7 +231,8 @@ impl CustomOp3 for Dense {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, w, b, n, inp, out) = dense_operands(self.name(), false, s1, l1, s2, l2, s3, l3)?;
+        let (x, w, b, n, inp, out) =
+            dense_operands(self.name(), false, (s1, l1), (s2, l2), (s3, l3))?;
         let mut y = Vec::with_capacity(n * out);
         for _ in 0..n {
             y.extend_from_slice(b);
@@ -271,7 +272,8 @@ impl CustomOp3 for DenseBackward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, w, g, n, inp, out) = dense_operands(self.name(), true, s1, l1, s2, l2, s3, l3)?;
+        let (x, w, g, n, inp, out) =
+            dense_operands(self.name(), true, (s1, l1), (s2, l2), (s3, l3))?;
         let mut packed = vec![0f32; n * inp + out * inp + out];
         let (dx, rest) = packed.split_at_mut(n * inp);
         let (dw, db) = rest.split_at_mut(out * inp);

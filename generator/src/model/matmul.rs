@@ -40,6 +40,7 @@ impl View {
 
 /// dst = scale·lhs·rhs (+ dst when `accumulate`), single-threaded: the caller already runs one
 /// shard of the batch per thread.
+#[allow(clippy::too_many_arguments)] // a GEMM's operands: three views, a scale and a mode
 pub(super) fn matmul(
     dst: &mut [f32],
     dv: View,

@@ -501,12 +501,16 @@ fn fast_exp(x: f32) -> f32 {
     const LOG2_E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
-    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding and subtracting it rounds to an integer
+    // 1.5 · 2^23: adding and subtracting it rounds to an integer.
+    const ROUND: f32 = 12_582_912.0;
+    // max/min rather than clamp: NaN maps to a bound instead of running on through the bit tricks.
+    #[allow(clippy::manual_clamp)]
     let x = x.max(-87.0).min(88.0);
     let k = x * LOG2_E + ROUND;
     let n = k - ROUND;
-    let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x)); // |r| ≤ ln 2 / 2
-                                                           // Horner's rule in fused multiply-adds (one instruction per degree where FMA exists).
+    // |r| ≤ ln 2 / 2
+    let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
+    // Horner's rule in fused multiply-adds (one instruction per degree where FMA exists).
     let p = [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0]
         .into_iter()
         .fold(1.0 / 720.0, |acc: f32, c| acc.mul_add(r, c));
@@ -586,6 +590,7 @@ impl CustomOp1 for Elementwise {
 struct ElementwiseBackward(Elementwise);
 
 impl CustomOp2 for ElementwiseBackward {
+    #[allow(clippy::misnamed_getters)] // the backward op's name is its op's `backward_name`
     fn name(&self) -> &'static str {
         self.0.backward_name
     }

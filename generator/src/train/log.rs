@@ -81,7 +81,8 @@ pub fn plot(records: &[LogRecord], path: &Path) -> Result<()> {
         let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
         root.fill(&WHITE)?;
         let max_step = records.last().map(|r| r.step).unwrap_or(1).max(1);
-        let series: [(&str, fn(&LogRecord) -> f64, RGBColor); 4] = [
+        type Series = (&'static str, fn(&LogRecord) -> f64, RGBColor);
+        let series: [Series; 4] = [
             ("total", |r| r.loss, BLACK),
             ("x0 mse", |r| r.mse, BLUE),
             ("rounding", |r| r.rounding, RED),
