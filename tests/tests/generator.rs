@@ -221,8 +221,9 @@ async fn a_satisfied_guide_leaves_the_text_alone() {
 }
 
 /// `guidance.estimate_until` hands estimate-space guidance over to latent space from that step
-/// down: at the request's own step count it is latent space from the first step, so the texts are
-/// latent space's (same seed), while the estimate throughout (0) steers them elsewhere.
+/// down: with guidance from step 20 (of 30) and the hand-over at 20, every guided step is in
+/// latent space, so the texts are latent space's (same seed), while the estimate throughout (0)
+/// steers them elsewhere. (A hand-over at or past `steps` is INVALID_ARGUMENT: isolation.rs.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn estimate_space_hands_over_to_latent_space_at_estimate_until() {
     let (_guide, generator) = stack().await;
@@ -230,13 +231,14 @@ async fn estimate_space_hands_over_to_latent_space_at_estimate_until() {
     let mut got = Vec::new();
     for (space, estimate_until) in [
         (pb::GuidanceSpace::Latent, None),
-        (pb::GuidanceSpace::Estimate, Some(30)),
+        (pb::GuidanceSpace::Estimate, Some(20)),
         (pb::GuidanceSpace::Estimate, Some(0)),
     ] {
         let mut r = request(3, 30, 5, &["food=Italian"]);
         r.guidance = Some(pb::Guidance {
             space: space as i32,
             estimate_until,
+            start_step: Some(20),
             ..Default::default()
         });
         got.push(texts(client.generate(r).await.unwrap().into_inner()));
