@@ -219,7 +219,7 @@ struct EvalControlArgs {
     texts: Option<PathBuf>,
     /// Each text's length, guided and unguided alike: free (the model decides), a number of
     /// words, or auto (the median length of the train references with as many fields as the
-    /// target, at most 38).
+    /// target, at most what the generator's canvas holds).
     #[arg(long, env = "DLM_LENGTH", default_value = "free")]
     length: dlm_generator::eval::control::TextLength,
 }
@@ -380,6 +380,18 @@ impl GeneratorEndpoint {
         Ok(dlm_proto::dlm::v1::generator_client::GeneratorClient::new(
             channel,
         ))
+    }
+
+    /// The most words a text can have on this generator's canvas (Describe's seq_len less START
+    /// and END).
+    async fn max_words(&self) -> anyhow::Result<usize> {
+        let d = self
+            .client()
+            .await?
+            .describe(dlm_proto::dlm::v1::DescribeRequest {})
+            .await?
+            .into_inner();
+        Ok(d.model.map(|m| m.seq_len as usize).unwrap_or(40) - 2)
     }
 }
 
@@ -1315,11 +1327,7 @@ fn eval_syntax(args: EvalSyntaxArgs) -> anyhow::Result<()> {
     let texts: Vec<String> = refs.iter().map(|r| r.0.clone()).collect();
     let labelled = label(&args.labeller_python, &args.labeller, &texts)?;
     let rt = tokio::runtime::Runtime::new()?;
-    let max_words = rt.block_on(async {
-        let mut c = args.run.endpoint.client().await?;
-        let d = c.describe(pb::DescribeRequest {}).await?.into_inner();
-        anyhow::Ok(d.model.map(|m| m.seq_len as usize).unwrap_or(40) - 2)
-    })?;
+    let max_words = rt.block_on(args.run.endpoint.max_words())?;
     let mrs: Vec<_> = refs.iter().map(|r| &r.1).collect();
     let targets = draw_targets(&labelled, &mrs, max_words, args.targets, &mut rng);
     // The arms, each a request per target at the reference's length and the same seed.
@@ -1541,16 +1549,19 @@ fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
     let mrs: Vec<_> = test.into_iter().map(|r| r.mr).collect();
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.run.seed);
     let targets = draw_targets(&mrs, args.fields, args.targets, &mut rng);
-    let medians = match args.length {
-        TextLength::Auto => median_lengths(&read_e2e(&args.run.data_dir.join(data::TRAIN_FILE))?),
+    let rt = tokio::runtime::Runtime::new()?;
+    let (medians, max_words) = match args.length {
+        TextLength::Auto => (
+            median_lengths(&read_e2e(&args.run.data_dir.join(data::TRAIN_FILE))?),
+            rt.block_on(args.run.endpoint.max_words())?,
+        ),
         _ => Default::default(),
     };
     let length_of = |target: &Target| match args.length {
         TextLength::Free => None,
         TextLength::Words(k) => Some(k as u32),
-        TextLength::Auto => medians.get(&target.len()).map(|&k| k.min(38) as u32),
+        TextLength::Auto => medians.get(&target.len()).map(|&k| k.min(max_words) as u32),
     };
-    let rt = tokio::runtime::Runtime::new()?;
     // Per target, a guided request and an unguided one on the same seed.
     let requests: Vec<pb::GenerateRequest> = targets
         .iter()
