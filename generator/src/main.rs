@@ -1673,7 +1673,7 @@ fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
          | teacher perplexity ratio (texts ÷ E2E dev references) | | {:.3} | {:.3} |\n\
          | repetition (word or bigram back to back; dev references {:.1}%) | | {:.1}% | {:.1}% |\n\
          | 4-gram perplexity ratio (texts ÷ E2E test references) | | {:.2} | {:.2} |\n\n\
-         {} sampling steps, {} text(s) per target.\n",
+         {} sampling steps, {} text(s) per target, best of {}, {}.\n",
         results.len(),
         100.0 * sum_g / fields.max(1) as f64,
         100.0 * sum_u / fields.max(1) as f64,
@@ -1685,7 +1685,9 @@ fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
         fg.ratio,
         fu.ratio,
         args.run.steps,
-        args.n
+        args.n,
+        args.run.best_of.unwrap_or(1),
+        args.length
     ));
     print!("{table}");
     Ok(())

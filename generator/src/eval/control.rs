@@ -97,6 +97,17 @@ pub enum TextLength {
     Auto,
 }
 
+/// As a table's footer names it.
+impl std::fmt::Display for TextLength {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TextLength::Free => write!(f, "free length"),
+            TextLength::Words(k) => write!(f, "{k} words"),
+            TextLength::Auto => write!(f, "length auto (E2E's median for as many fields)"),
+        }
+    }
+}
+
 impl std::str::FromStr for TextLength {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

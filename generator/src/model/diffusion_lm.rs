@@ -234,9 +234,28 @@ pub fn load_weights(varmap: &VarMap, path: &Path) -> Result<()> {
         .map_err(|e| Error::format(path, e.to_string()))
 }
 
-/// Writes named tensors as safetensors.
+/// Writes named tensors as safetensors, atomically (see [`replace_file`]).
 pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    candle_core::safetensors::save(tensors, path).map_err(|e| Error::format(path, e.to_string()))
+    replace_file(path, |tmp| {
+        candle_core::safetensors::save(tensors, tmp).map_err(|e| Error::format(path, e.to_string()))
+    })
+}
+
+/// Replaces `path` by what `write` puts in a temporary file beside it, renamed over `path`: a
+/// reader, or a resume after a kill mid-save, sees the old file or the new one, never half of one.
+/// The temporary file is removed if `write` fails.
+pub fn replace_file(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempfile_in(dir)
+        .map_err(|e| Error::io(dir, e))?;
+    write(tmp.path())?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
 }
 
 /// Writes a complete model directory (config, tokenizer, weights) that [`LoadedModel::load`] reads.
@@ -252,18 +271,39 @@ pub fn save_model_dir(
     save_weights(dir, weights)
 }
 
-/// Writes `model.safetensors` in `dir`: written beside it, then renamed, so that a reader never
-/// sees half a file.
+/// Writes `model.safetensors` in `dir`, atomically.
 pub fn save_weights(dir: &Path, weights: &HashMap<String, Tensor>) -> Result<()> {
-    let tmp = dir.join(format!("{WEIGHTS_FILE}.tmp"));
-    save_tensors(weights, &tmp)?;
-    let target = dir.join(WEIGHTS_FILE);
-    std::fs::rename(&tmp, &target).map_err(|e| Error::io(&target, e))
+    save_tensors(weights, &dir.join(WEIGHTS_FILE))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A save that fails half-way leaves the old file whole and no temporary file beside it.
+    #[test]
+    fn a_failed_save_keeps_the_old_file_and_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.safetensors");
+        let old: HashMap<String, Tensor> = [(
+            "w".to_string(),
+            Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap(),
+        )]
+        .into();
+        save_tensors(&old, &path).unwrap();
+        let failed = replace_file(&path, |tmp| {
+            std::fs::write(tmp, b"half a file").unwrap();
+            Err(Error::format(&path, "killed mid-save"))
+        });
+        assert!(failed.is_err());
+        let back = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+        assert_eq!(back["w"].to_vec1::<f32>().unwrap(), vec![1.0, 2.0]);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("state.safetensors")]);
+    }
 
     /// What positions before a fixed END clamp to: never an excluded row, and where the nearest
     /// row is excluded, the nearest of the others.

@@ -23,7 +23,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::diffusion::sampler::sequence_rng;
 use crate::diffusion::NoiseSchedule;
-use crate::model::diffusion_lm::{build, save_model_dir, save_tensors, TOKENIZER_FILE};
+use crate::model::diffusion_lm::{
+    build, replace_file, save_model_dir, save_tensors, TOKENIZER_FILE,
+};
 use crate::model::ModelConfig;
 use crate::text::WordTokenizer;
 use crate::{Error, Result};
@@ -285,11 +287,14 @@ impl Trainer {
             elapsed_s,
         };
         let path = self.out.join(STATE_FILE);
-        std::fs::write(
-            &path,
-            serde_json::to_string_pretty(&state).expect("state serializes"),
-        )
-        .map_err(|e| Error::io(&path, e))?;
+        // Written last, so that the step it names is never ahead of the tensors.
+        replace_file(&path, |tmp| {
+            std::fs::write(
+                tmp,
+                serde_json::to_string_pretty(&state).expect("state serializes"),
+            )
+            .map_err(|e| Error::io(&path, e))
+        })?;
         let records = log::read(&self.out.join(log::LOG_FILE))?;
         log::plot(&records, &self.out.join(log::PLOT_FILE))?;
         tracing::info!(step, dir = %self.out.display(), "checkpoint saved");
