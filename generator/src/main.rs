@@ -214,6 +214,10 @@ struct EvalControlArgs {
     n: u32,
     #[arg(long, env = "DLM_WEIGHT")]
     weight: Option<f32>,
+    /// A field's own weight, FIELD=W (repeatable, or comma-separated): its target goes in a
+    /// control of its own with that weight; the other fields keep `--weight`.
+    #[arg(long, env = "DLM_FIELD_WEIGHT", value_delimiter = ',', value_parser = parse_field_weight)]
+    field_weight: Vec<(String, f32)>,
     /// Also write every text, as JSON lines {field, value, guided, text, realised}, to this file.
     #[arg(long, env = "DLM_TEXTS")]
     texts: Option<PathBuf>,
@@ -1538,6 +1542,17 @@ async fn generate_all(
     Ok(out)
 }
 
+/// `FIELD=W` of `eval-control --field-weight`.
+fn parse_field_weight(s: &str) -> Result<(String, f32), String> {
+    let (field, weight) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: FIELD=WEIGHT"))?;
+    let weight: f32 = weight
+        .parse()
+        .map_err(|_| format!("`{s}`: the weight is not a number"))?;
+    Ok((field.trim().to_string(), weight))
+}
+
 fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
     use dlm_generator::eval::control::{
         draw_targets, median_lengths, rates, realises, realises_all, Target, TextLength,
@@ -1575,11 +1590,26 @@ fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
                 ..Default::default()
             };
             let mut guided = base.clone();
-            guided.controls = vec![pb::Control {
+            let weight_of = |field: &str| {
+                args.field_weight
+                    .iter()
+                    .find(|(f, _)| f == field)
+                    .map(|&(_, w)| w)
+            };
+            let (own, shared): (Vec<_>, Vec<_>) =
+                target.iter().partition(|(f, _)| weight_of(f).is_some());
+            let control = |targets: &[&(String, String)], weight| pb::Control {
                 guide: args.guide.clone(),
-                targets: target.iter().map(|(f, v)| format!("{f}={v}")).collect(),
-                weight: args.weight,
-            }];
+                targets: targets.iter().map(|(f, v)| format!("{f}={v}")).collect(),
+                weight,
+            };
+            guided.controls = own
+                .iter()
+                .map(|t| control(&[*t], weight_of(&t.0)))
+                .collect();
+            if !shared.is_empty() {
+                guided.controls.push(control(&shared, args.weight));
+            }
             guided.guidance = args.run.guidance.to_proto();
             guided.best_of = args.run.best_of;
             [guided, base]

@@ -391,6 +391,9 @@ async fn eval_control_prints_the_table_and_writes_every_text_with_its_verdict() 
         "10".into(),
         "--texts".into(),
         texts.to_str().unwrap().into(),
+        // An area target goes in a control of its own.
+        "--field-weight".into(),
+        "area=2".into(),
     ];
     let out = tokio::task::spawn_blocking(move || {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -429,6 +432,17 @@ async fn eval_control_prints_the_table_and_writes_every_text_with_its_verdict() 
         );
     }
     assert_eq!(lines.iter().filter(|l| l["guided"] == true).count(), 12);
+}
+
+#[test]
+fn eval_control_names_a_field_weight_without_its_weight() {
+    let out = run("dlm-generator", &["eval-control", "--field-weight", "near"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--field-weight") && err.contains("FIELD=WEIGHT"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
