@@ -254,6 +254,14 @@ pub fn replace_file(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
         .tempfile_in(dir)
         .map_err(|e| Error::io(dir, e))?;
     write(tmp.path())?;
+    // Temporary files (and safetensors' own writes) are private, 0600; a model file is read by
+    // whoever serves it.
+    #[cfg(unix)]
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .map_err(|e| Error::io(tmp.path(), e))?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(())
 }
@@ -303,6 +311,12 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("state.safetensors")]);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o644, "{mode:o}");
+        }
     }
 
     /// What positions before a fixed END clamp to: never an excluded row, and where the nearest
