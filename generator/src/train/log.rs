@@ -59,7 +59,10 @@ pub fn truncate_after(path: &Path, step: usize) -> Result<()> {
         text.push_str(&serde_json::to_string(r).expect("record serializes"));
         text.push('\n');
     }
-    std::fs::write(path, text).map_err(|e| Error::io(path, e))
+    // Atomic: a kill here must not lose the log of the steps before the checkpoint.
+    crate::model::diffusion_lm::replace_file(path, |tmp| {
+        std::fs::write(tmp, text).map_err(|e| Error::io(path, e))
+    })
 }
 
 static FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
