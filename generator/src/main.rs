@@ -1577,6 +1577,11 @@ fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
         TextLength::Words(k) => Some(k as u32),
         TextLength::Auto => medians.get(&target.len()).map(|&k| k.min(max_words) as u32),
     };
+    let control = |targets: Vec<String>, weight: Option<f32>| pb::Control {
+        guide: args.guide.clone(),
+        targets,
+        weight,
+    };
     // Per target, a guided request and an unguided one on the same seed.
     let requests: Vec<pb::GenerateRequest> = targets
         .iter()
@@ -1590,25 +1595,17 @@ fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
                 ..Default::default()
             };
             let mut guided = base.clone();
-            let weight_of = |field: &str| {
-                args.field_weight
-                    .iter()
-                    .find(|(f, _)| f == field)
-                    .map(|&(_, w)| w)
-            };
-            let (own, shared): (Vec<_>, Vec<_>) =
-                target.iter().partition(|(f, _)| weight_of(f).is_some());
-            let control = |targets: &[&(String, String)], weight| pb::Control {
-                guide: args.guide.clone(),
-                targets: targets.iter().map(|(f, v)| format!("{f}={v}")).collect(),
-                weight,
-            };
-            guided.controls = own
-                .iter()
-                .map(|t| control(&[*t], weight_of(&t.0)))
-                .collect();
+            // A field with its own weight gets a control of its own; the rest share one.
+            let mut shared = Vec::new();
+            for (field, value) in target {
+                let target = format!("{field}={value}");
+                match args.field_weight.iter().find(|(f, _)| f == field) {
+                    Some(&(_, w)) => guided.controls.push(control(vec![target], Some(w))),
+                    None => shared.push(target),
+                }
+            }
             if !shared.is_empty() {
-                guided.controls.push(control(&shared, args.weight));
+                guided.controls.push(control(shared, args.weight));
             }
             guided.guidance = args.run.guidance.to_proto();
             guided.best_of = args.run.best_of;
