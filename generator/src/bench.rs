@@ -27,6 +27,8 @@ pub struct BenchRow {
     pub seq_len: usize,
     pub train_step_ms: f64,
     pub sample_step_ms: f64,
+    /// The same step with the plain, independent clamp (`clamp_repeat_penalty` 0).
+    pub sample_step_plain_clamp_ms: f64,
 }
 
 pub fn median(values: &[f64]) -> f64 {
@@ -91,6 +93,10 @@ pub fn bench(
     let sample_step_ms = time_ms(device, reps * 2, || {
         sampler.step(&x, &index, &x, Some(&x)).map(|_| ())
     })?;
+    let plain = Sampler::new(&model, 200, SamplerKind::Ddpm, true)?.with_repeat_penalty(0.0);
+    let sample_step_plain_clamp_ms = time_ms(device, reps * 2, || {
+        plain.step(&x, &index, &x, Some(&x)).map(|_| ())
+    })?;
     Ok(BenchRow {
         model: name.to_string(),
         device: device_name(device),
@@ -100,18 +106,19 @@ pub fn bench(
         seq_len: l,
         train_step_ms,
         sample_step_ms,
+        sample_step_plain_clamp_ms,
     })
 }
 
 /// A Markdown table of rows, with sentences/s for a 200-step sampling run.
 pub fn table(rows: &[BenchRow]) -> String {
     let mut s = String::from(
-        "| model | params | device | threads | B | L | train step (ms) | sampling step (ms) | 200-step sentences/s |\n\
-         |---|---:|---|---:|---:|---:|---:|---:|---:|\n",
+        "| model | params | device | threads | B | L | train step (ms) | sampling step (ms) | independent clamp (ms) | 200-step sentences/s |\n\
+         |---|---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         s.push_str(&format!(
-            "| {} | {:.2} M | {} | {} | {} | {} | {:.1} | {:.2} | {:.2} |\n",
+            "| {} | {:.2} M | {} | {} | {} | {} | {:.1} | {:.2} | {:.2} | {:.2} |\n",
             r.model,
             r.params as f64 / 1e6,
             r.device,
@@ -120,6 +127,7 @@ pub fn table(rows: &[BenchRow]) -> String {
             r.seq_len,
             r.train_step_ms,
             r.sample_step_ms,
+            r.sample_step_plain_clamp_ms,
             r.batch as f64 / (r.sample_step_ms * 200.0 / 1e3),
         ));
     }
@@ -180,6 +188,7 @@ pub async fn guided(
         sampler: SamplerKind::Ddpm,
         seed,
         clamp: true,
+        repeat_penalty: crate::diffusion::clamp::DEFAULT_REPEAT_PENALTY,
         controls: controls.into(),
         fixed: vec![None; l],
         guidance,
@@ -196,6 +205,7 @@ pub async fn guided(
                 index,
                 kind: SamplerKind::Ddpm,
                 clamp: true,
+                repeat_penalty: crate::diffusion::clamp::DEFAULT_REPEAT_PENALTY,
                 words: None,
             })
             .collect();

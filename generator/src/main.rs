@@ -188,6 +188,11 @@ struct EvalRunArgs {
     /// Candidates per text, ranked by the model's own log p plus the guides' (guided texts only).
     #[arg(long, env = "DLM_BEST_OF")]
     best_of: Option<u32>,
+    /// The joint clamp: a position takes its next-nearest word rather than its neighbour's when that
+    /// is at most this much farther (squared L2; words lie ~12 apart); 0 = each position on its own.
+    /// Unset: the server's default (1000: never two neighbours on one word before the last step).
+    #[arg(long, env = "DLM_CLAMP_REPEAT_PENALTY")]
+    clamp_repeat_penalty: Option<f32>,
     #[command(flatten)]
     guidance: GuidanceArgs,
     /// The teacher LM directory (made by `train-teacher`).
@@ -433,6 +438,11 @@ struct GenerateArgs {
     /// Candidates sampled per text; the best by the model's own log p plus the guides' is returned.
     #[arg(long, env = "DLM_BEST_OF")]
     best_of: Option<u32>,
+    /// The joint clamp: a position takes its next-nearest word rather than its neighbour's when that
+    /// is at most this much farther (squared L2; words lie ~12 apart); 0 = each position on its own.
+    /// Unset: the server's default (1000: never two neighbours on one word before the last step).
+    #[arg(long, env = "DLM_CLAMP_REPEAT_PENALTY")]
+    clamp_repeat_penalty: Option<f32>,
     #[arg(long, env = "DLM_SAMPLE_STEPS")]
     steps: Option<u32>,
     /// Print the whole response as JSON.
@@ -652,6 +662,11 @@ struct SampleArgs {
     #[arg(long, env = "DLM_CLAMP", default_value_t = true, action = ArgAction::Set,
           num_args = 0..=1, default_missing_value = "true")]
     clamp: bool,
+    /// The joint clamp: a position takes its next-nearest word rather than its neighbour's when that
+    /// is at most this much farther (squared L2; words lie ~12 apart); 0 = each position on its own.
+    #[arg(long, env = "DLM_CLAMP_REPEAT_PENALTY",
+          default_value_t = dlm_generator::diffusion::clamp::DEFAULT_REPEAT_PENALTY)]
+    clamp_repeat_penalty: f32,
     /// Sequences per denoiser call.
     #[arg(long, env = "DLM_BATCH_SIZE", default_value_t = 64)]
     batch_size: usize,
@@ -827,7 +842,12 @@ fn sample(args: SampleArgs, device: &Device) -> anyhow::Result<()> {
         .with_context(|| format!("loading model from {}", args.model.display()))?;
     let seed = args.seed.unwrap_or_else(rand::random);
     tracing::info!(seed, n = args.n, steps = args.steps, "sampling");
-    let sampler = Sampler::new(&loaded.model, args.steps, args.sampler, args.clamp)?;
+    dlm_generator::diffusion::clamp::repeat_penalty(
+        "--clamp-repeat-penalty",
+        Some(args.clamp_repeat_penalty),
+    )?;
+    let sampler = Sampler::new(&loaded.model, args.steps, args.sampler, args.clamp)?
+        .with_repeat_penalty(args.clamp_repeat_penalty);
     let samples = sampler.sample(args.n, seed, args.batch_size)?;
     let mut out = std::io::stdout().lock();
     for (index, ids) in samples.ids.iter().enumerate() {
@@ -846,6 +866,7 @@ fn sample(args: SampleArgs, device: &Device) -> anyhow::Result<()> {
                 "steps": args.steps,
                 "sampler": args.sampler,
                 "clamp": args.clamp,
+                "clamp_repeat_penalty": args.clamp_repeat_penalty,
                 "total_ms": samples.total_ms,
                 "median_step_ms": dlm_generator::bench::median(&samples.step_ms),
             });
@@ -1283,6 +1304,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             length: args.length,
             guidance: args.guidance.to_proto(),
             best_of: args.best_of,
+            clamp_repeat_penalty: args.clamp_repeat_penalty,
             ..Default::default()
         };
         let resp = client.generate(req).await.map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?.into_inner();
@@ -1347,6 +1369,7 @@ fn eval_syntax(args: EvalSyntaxArgs) -> anyhow::Result<()> {
             seed: Some(args.run.seed * 1_000_003 + i as u64),
             length: (arm == "unguided@length").then_some(t.length as u32),
             guidance: args.run.guidance.to_proto(),
+            clamp_repeat_penalty: args.run.clamp_repeat_penalty,
             ..Default::default()
         };
         let tags = || pb::Syntax {
@@ -1592,6 +1615,7 @@ fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
                 steps: Some(args.run.steps),
                 seed: Some(args.run.seed * 1_000_003 + i as u64),
                 length: length_of(target),
+                clamp_repeat_penalty: args.run.clamp_repeat_penalty,
                 ..Default::default()
             };
             let mut guided = base.clone();

@@ -87,6 +87,7 @@ fn job(id: u64, n: usize, steps: usize, controls: Vec<Control>) -> Job {
         sampler: SamplerKind::Ddpm,
         seed: id,
         clamp: true,
+        repeat_penalty: dlm_generator::diffusion::clamp::DEFAULT_REPEAT_PENALTY,
         controls: controls.into(),
         fixed: vec![None; 64],
         guidance: GuidanceConfig::default(),

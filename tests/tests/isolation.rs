@@ -93,6 +93,20 @@ async fn non_finite_settings_fail_only_their_own_request() {
             },
             "controls.weight",
         ),
+        (
+            pb::GenerateRequest {
+                clamp_repeat_penalty: Some(f32::NAN),
+                ..request(2, 60, 2, &[])
+            },
+            "clamp_repeat_penalty",
+        ),
+        (
+            pb::GenerateRequest {
+                clamp_repeat_penalty: Some(-1.0),
+                ..request(2, 60, 2, &[])
+            },
+            "clamp_repeat_penalty",
+        ),
     ];
     for (req, field) in bad {
         let err = client.clone().generate(req).await.unwrap_err();
@@ -107,7 +121,7 @@ async fn non_finite_settings_fail_only_their_own_request() {
     assert_eq!(resp.samples.len(), 4);
     let metrics = generator.metrics();
     assert!(
-        metrics.contains("dlm_generator_requests_total{status=\"invalid_argument\"} 6"),
+        metrics.contains("dlm_generator_requests_total{status=\"invalid_argument\"} 8"),
         "{metrics}"
     );
 }

@@ -80,6 +80,7 @@ class Client:
                 progress_every: Optional[int] = None, pos: Optional[Union[str, Sequence[str]]] = None,
                 spans: Optional[Sequence[tuple[int, int, str]]] = None,
                 sampler: Optional[str] = None, clamp: Optional[bool] = None,
+                clamp_repeat_penalty: Optional[float] = None,
                 guidance_space: Optional[str] = None, satisfied_prob: Optional[float] = None,
                 guidance_steps: Optional[int] = None, step_size: Optional[float] = None,
                 guidance_update: Optional[str] = None, fluency_weight: Optional[float] = None,
@@ -109,7 +110,8 @@ class Client:
             if weight is not None:
                 c.weight = weight
         _set_given(r, [("steps", steps), ("seed", seed), ("length", length),
-                       ("best_of", best_of), ("progress_every", progress_every), ("clamp", clamp)])
+                       ("best_of", best_of), ("progress_every", progress_every), ("clamp", clamp),
+                       ("clamp_repeat_penalty", clamp_repeat_penalty)])
         if template:
             r.infill.template.extend(template)
         if pos:

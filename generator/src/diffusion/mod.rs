@@ -1,5 +1,6 @@
 //! Gaussian diffusion over word-embedding latents: schedules, respacing and the samplers.
 
+pub mod clamp;
 pub mod likelihood;
 pub mod sampler;
 pub mod schedule;

@@ -1,5 +1,5 @@
-//! Reverse diffusion: from pure noise to words. Each step predicts x0, optionally snaps it to the
-//! nearest word embedding (the clamping trick), and moves to the next latent — DDPM (posterior mean
+//! Reverse diffusion: from pure noise to words. Each step predicts x0, optionally snaps it to
+//! word embeddings (the clamping trick; jointly per sequence, clamp.rs), and moves to the next latent — DDPM (posterior mean
 //! plus noise) or DDIM (deterministic, η = 0). Every sequence carries its own step index and its own
 //! random stream, so a sequence's result does not depend on what else shares its batch.
 
@@ -11,6 +11,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
+use super::clamp::{snap_jointly, RowClamp};
 use super::schedule::NoiseSchedule;
 use crate::model::DiffusionLm;
 use crate::parallel::{run_sharded, split};
@@ -33,6 +34,8 @@ pub struct SampleOptions {
     pub sampler: SamplerKind,
     /// Snap every x0 prediction to its nearest word embedding.
     pub clamp: bool,
+    /// The joint clamp's price of two neighbours on one word (clamp.rs; 0: independent snapping).
+    pub repeat_penalty: f32,
     pub seed: u64,
     /// Sequences per denoiser call.
     pub batch_size: usize,
@@ -44,6 +47,7 @@ impl Default for SampleOptions {
             steps: 200,
             sampler: SamplerKind::Ddpm,
             clamp: true,
+            repeat_penalty: super::clamp::DEFAULT_REPEAT_PENALTY,
             seed: 0,
             batch_size: 64,
         }
@@ -93,6 +97,8 @@ pub struct SeqStep<'a> {
     pub index: usize,
     pub kind: SamplerKind,
     pub clamp: bool,
+    /// The joint clamp's price of two neighbours on one word (clamp.rs; 0: independent snapping).
+    pub repeat_penalty: f32,
     /// Where the sequence has a fixed length: positions 1..until must be words, so their clamp
     /// snaps to the nearest row of `table` (the embedding with PAD/UNK/START/END out of reach), as
     /// the final rounding does. Without it the model plans its own, shorter sentence and the
@@ -104,6 +110,24 @@ impl<'a> SeqStep<'a> {
     /// The words constraint where it applies: only a sequence that clamps has one.
     fn clamped_words(&self) -> Option<WordsUntil<'a>> {
         self.words.filter(|_| self.clamp)
+    }
+
+    /// Whether this step snaps jointly: a clamping sequence with a penalty, before its last step
+    /// (the text is rounded from the model's own final estimate).
+    fn snaps_jointly(&self) -> bool {
+        self.clamp && self.repeat_penalty > 0.0 && self.index > 0
+    }
+
+    fn row_clamp(&self) -> RowClamp {
+        RowClamp {
+            clamp: self.clamp,
+            repeat_penalty: if self.snaps_jointly() {
+                self.repeat_penalty
+            } else {
+                0.0
+            },
+            words_until: self.clamped_words().map_or(0, |w| w.until),
+        }
     }
 }
 
@@ -124,13 +148,23 @@ pub struct Proposal {
     pub estimate: Tensor,
 }
 
+/// How `predict_x0` snaps the estimates of a batch.
+enum Snap<'a> {
+    /// No row clamps.
+    None,
+    /// Every position to its nearest word (rows that do not clamp are restored by the caller).
+    Nearest,
+    /// Per row, jointly (clamp.rs), with the rows' settings.
+    Jointly(&'a [RowClamp]),
+}
+
 /// The x0 predictions for a mixed batch, sharded over the worker threads on CPU: (raw, clamped).
 fn predict_x0(
     model: &DiffusionLm,
     x_t: &Tensor,
     t: &Tensor,
     previous: Option<&Tensor>,
-    any_clamp: bool,
+    snap: Snap,
 ) -> Result<(Tensor, Tensor)> {
     let shards = crate::device::shards(x_t.device());
     let parts = run_sharded(split(t.dim(0)?, shards), |(start, len)| {
@@ -140,10 +174,12 @@ fn predict_x0(
             &t.narrow(0, start, len)?,
             previous.as_ref(),
         )?;
-        let clamped = if any_clamp {
-            model.clamp_to_embeddings(&raw)?
-        } else {
-            raw.clone()
+        let clamped = match snap {
+            Snap::None => raw.clone(),
+            Snap::Nearest => model.clamp_to_embeddings(&raw)?,
+            Snap::Jointly(rows) => {
+                snap_jointly(&raw, model.embedding(), &rows[start..start + len])?
+            }
         };
         Ok((raw, clamped))
     })?;
@@ -187,14 +223,27 @@ pub fn reverse_step(
         device,
     )?;
     let any_clamp = seqs.iter().any(|q| q.clamp);
-    let (raw, clamped) = predict_x0(model, x_t, &t, previous, any_clamp)?;
-    let x0 = if seqs.iter().all(|q| q.clamp == any_clamp) {
+    // Where any row snaps jointly every row goes through the joint clamp, which gives the others
+    // their plain clamp (no penalty), the fixed-length rule and their pass-through.
+    let rows: Vec<RowClamp> = seqs.iter().map(|q| q.row_clamp()).collect();
+    let joint = seqs.iter().any(|q| q.snaps_jointly());
+    let snap = match (joint, any_clamp) {
+        (true, _) => Snap::Jointly(&rows),
+        (false, true) => Snap::Nearest,
+        (false, false) => Snap::None,
+    };
+    let (raw, clamped) = predict_x0(model, x_t, &t, previous, snap)?;
+    let x0 = if joint {
         clamped
     } else {
-        let m = per_sequence(seqs.iter().map(|q| q.clamp as u8 as f64), device)?;
-        raw.add(&clamped.sub(&raw)?.broadcast_mul(&m)?)?
+        let x0 = if seqs.iter().all(|q| q.clamp == any_clamp) {
+            clamped
+        } else {
+            let m = per_sequence(seqs.iter().map(|q| q.clamp as u8 as f64), device)?;
+            raw.add(&clamped.sub(&raw)?.broadcast_mul(&m)?)?
+        };
+        clamp_fixed_length_to_words(&x0, &raw, seqs)?
     };
-    let x0 = clamp_fixed_length_to_words(&x0, &raw, seqs)?;
     // mean = a·x0 + b·x_t per sequence: DDPM's posterior mean, or DDIM's deterministic step.
     let (a, b): (Vec<f64>, Vec<f64>) = seqs
         .iter()
@@ -251,6 +300,7 @@ pub struct Sampler<'a> {
     schedule: NoiseSchedule,
     kind: SamplerKind,
     clamp: bool,
+    repeat_penalty: f32,
 }
 
 impl<'a> Sampler<'a> {
@@ -267,7 +317,14 @@ impl<'a> Sampler<'a> {
             schedule,
             kind,
             clamp,
+            repeat_penalty: super::clamp::DEFAULT_REPEAT_PENALTY,
         })
+    }
+
+    /// The joint clamp's price of two neighbours on one word (0: independent snapping).
+    pub fn with_repeat_penalty(mut self, repeat_penalty: f32) -> Self {
+        self.repeat_penalty = repeat_penalty;
+        self
     }
 
     pub fn schedule(&self) -> &NoiseSchedule {
@@ -291,6 +348,7 @@ impl<'a> Sampler<'a> {
                 index: i,
                 kind: self.kind,
                 clamp: self.clamp,
+                repeat_penalty: self.repeat_penalty,
                 words: None,
             })
             .collect();

@@ -51,6 +51,8 @@ pub struct Job {
     pub sampler: SamplerKind,
     pub seed: u64,
     pub clamp: bool,
+    /// The joint clamp's price of two neighbours on one word (diffusion/clamp.rs; 0: independent).
+    pub repeat_penalty: f32,
     pub controls: Arc<[Control]>,
     /// Per canvas position: a word id that is fixed there (START/words/END/PAD), or None.
     pub fixed: Vec<Option<u32>>,
@@ -514,6 +516,7 @@ impl Engine {
                     index: self.seqs[i].index,
                     kind: r.job.sampler,
                     clamp: r.job.clamp,
+                    repeat_penalty: r.job.repeat_penalty,
                     words: fixed_end(&r.job.fixed, end).map(|until| WordsUntil {
                         until,
                         table: &self.words_table,

@@ -248,6 +248,10 @@ impl GeneratorService {
         }
         let guidance = guidance_config(&r.guidance.unwrap_or_default())?;
         guidance.check_steps(steps)?;
+        let repeat_penalty = crate::diffusion::clamp::repeat_penalty(
+            "clamp_repeat_penalty",
+            r.clamp_repeat_penalty,
+        )?;
         Ok(Job {
             id,
             n,
@@ -256,6 +260,7 @@ impl GeneratorService {
             sampler,
             seed: r.seed.unwrap_or_else(rand::random),
             clamp: r.clamp.unwrap_or(true),
+            repeat_penalty,
             controls: controls.into(),
             fixed,
             guidance,

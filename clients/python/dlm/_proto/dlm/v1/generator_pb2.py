@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from dlm._proto.dlm.v1 import guide_pb2 as dlm_dot_v1_dot_guide__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64lm/v1/generator.proto\x12\x06\x64lm.v1\x1a\x12\x64lm/v1/guide.proto\"?\n\x0fSetGuideRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x11\n\tcard_json\x18\x03 \x01(\t\"\"\n\x12RemoveGuideRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13RemoveGuideResponse\"I\n\x07\x43ontrol\x12\r\n\x05guide\x18\x01 \x01(\t\x12\x0f\n\x07targets\x18\x02 \x03(\t\x12\x13\n\x06weight\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\t\n\x07_weight\"\x1a\n\x06Infill\x12\x10\n\x08template\x18\x01 \x03(\t\"R\n\x06Syntax\x12\x0b\n\x03pos\x18\x01 \x03(\t\x12\x1b\n\x05spans\x18\x02 \x03(\x0b\x32\x0c.dlm.v1.Span\x12\x13\n\x06weight\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\t\n\x07_weight\"1\n\x04Span\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\x12\r\n\x05label\x18\x03 \x01(\t\"\xa0\x03\n\x08Guidance\x12%\n\x18steps_per_diffusion_step\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x16\n\tstep_size\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12&\n\x06update\x18\x03 \x01(\x0e\x32\x16.dlm.v1.GuidanceUpdate\x12\x1b\n\x0e\x66luency_weight\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x17\n\nstart_step\x18\x05 \x01(\rH\x03\x88\x01\x01\x12\x16\n\tstop_step\x18\x06 \x01(\rH\x04\x88\x01\x01\x12\x1b\n\x0esatisfied_prob\x18\x07 \x01(\x02H\x05\x88\x01\x01\x12$\n\x05space\x18\x08 \x01(\x0e\x32\x15.dlm.v1.GuidanceSpace\x12\x1b\n\x0e\x65stimate_until\x18\t \x01(\rH\x06\x88\x01\x01\x42\x1b\n\x19_steps_per_diffusion_stepB\x0c\n\n_step_sizeB\x11\n\x0f_fluency_weightB\r\n\x0b_start_stepB\x0c\n\n_stop_stepB\x11\n\x0f_satisfied_probB\x11\n\x0f_estimate_until\"\x8f\x03\n\x0fGenerateRequest\x12\t\n\x01n\x18\x01 \x01(\r\x12\x12\n\x05steps\x18\x02 \x01(\rH\x00\x88\x01\x01\x12 \n\x07sampler\x18\x03 \x01(\x0e\x32\x0f.dlm.v1.Sampler\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x01\x88\x01\x01\x12\x12\n\x05\x63lamp\x18\x05 \x01(\x08H\x02\x88\x01\x01\x12!\n\x08\x63ontrols\x18\x06 \x03(\x0b\x32\x0f.dlm.v1.Control\x12\x13\n\x06length\x18\x07 \x01(\rH\x03\x88\x01\x01\x12\x1e\n\x06infill\x18\x08 \x01(\x0b\x32\x0e.dlm.v1.Infill\x12\"\n\x08guidance\x18\t \x01(\x0b\x32\x10.dlm.v1.Guidance\x12\x1b\n\x0eprogress_every\x18\n \x01(\rH\x04\x88\x01\x01\x12\x14\n\x07\x62\x65st_of\x18\x0b \x01(\rH\x05\x88\x01\x01\x12\x1e\n\x06syntax\x18\x0c \x01(\x0b\x32\x0e.dlm.v1.SyntaxB\x08\n\x06_stepsB\x07\n\x05_seedB\x08\n\x06_clampB\t\n\x07_lengthB\x11\n\x0f_progress_everyB\n\n\x08_best_of\"-\n\nGuideScore\x12\r\n\x05guide\x18\x01 \x01(\t\x12\x10\n\x08log_prob\x18\x02 \x01(\x02\"z\n\x06Sample\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\"\n\x06scores\x18\x03 \x03(\x0b\x32\x12.dlm.v1.GuideScore\x12\x1b\n\x0emodel_log_prob\x18\x04 \x01(\x02H\x00\x88\x01\x01\x42\x11\n\x0f_model_log_prob\"W\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x13\n\x0bsampling_ms\x18\x02 \x01(\x01\x12\x13\n\x0bguidance_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"w\n\x10GenerateResponse\x12\x1f\n\x07samples\x18\x01 \x03(\x0b\x32\x0e.dlm.v1.Sample\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12 \n\x07timings\x18\x03 \x01(\x0b\x32\x0f.dlm.v1.Timings\x12\x12\n\nrequest_id\x18\x04 \x01(\x04\"<\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\r\n\x05texts\x18\x03 \x03(\t\"j\n\rGenerateEvent\x12$\n\x08progress\x18\x01 \x01(\x0b\x32\x10.dlm.v1.ProgressH\x00\x12*\n\x06result\x18\x02 \x01(\x0b\x32\x18.dlm.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"\x11\n\x0f\x44\x65scribeRequest\"\xa6\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x11\n\tembed_dim\x18\x03 \x01(\r\x12\x0f\n\x07seq_len\x18\x04 \x01(\r\x12\x17\n\x0f\x64iffusion_steps\x18\x05 \x01(\r\x12\x10\n\x08schedule\x18\x06 \x01(\t\x12\x18\n\x10\x65mbedding_sha256\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\"_\n\tGuideInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tendpoints\x18\x02 \x03(\t\x12\"\n\x06\x66ields\x18\x03 \x03(\x0b\x32\x12.dlm.v1.GuideField\x12\r\n\x05ready\x18\x04 \x01(\x08\"f\n\x10\x44\x65scribeResponse\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.dlm.v1.ModelInfo\x12!\n\x06guides\x18\x02 \x03(\x0b\x32\x11.dlm.v1.GuideInfo\x12\r\n\x05ready\x18\x03 \x01(\x08*F\n\x07Sampler\x12\x17\n\x13SAMPLER_UNSPECIFIED\x10\x00\x12\x10\n\x0cSAMPLER_DDPM\x10\x01\x12\x10\n\x0cSAMPLER_DDIM\x10\x02*\xa6\x01\n\x0eGuidanceUpdate\x12\x1f\n\x1bGUIDANCE_UPDATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17GUIDANCE_UPDATE_ADAGRAD\x10\x01\x12\x18\n\x14GUIDANCE_UPDATE_SIGN\x10\x02\x12\x1e\n\x1aGUIDANCE_UPDATE_NORMALIZED\x10\x03\x12\x1c\n\x18GUIDANCE_UPDATE_PROXIMAL\x10\x04*g\n\rGuidanceSpace\x12\x1e\n\x1aGUIDANCE_SPACE_UNSPECIFIED\x10\x00\x12\x19\n\x15GUIDANCE_SPACE_LATENT\x10\x01\x12\x1b\n\x17GUIDANCE_SPACE_ESTIMATE\x10\x02\x32\xcd\x02\n\tGenerator\x12=\n\x08Generate\x12\x17.dlm.v1.GenerateRequest\x1a\x18.dlm.v1.GenerateResponse\x12\x42\n\x0eGenerateStream\x12\x17.dlm.v1.GenerateRequest\x1a\x15.dlm.v1.GenerateEvent0\x01\x12=\n\x08\x44\x65scribe\x12\x17.dlm.v1.DescribeRequest\x1a\x18.dlm.v1.DescribeResponse\x12\x36\n\x08SetGuide\x12\x17.dlm.v1.SetGuideRequest\x1a\x11.dlm.v1.GuideInfo\x12\x46\n\x0bRemoveGuide\x12\x1a.dlm.v1.RemoveGuideRequest\x1a\x1b.dlm.v1.RemoveGuideResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64lm/v1/generator.proto\x12\x06\x64lm.v1\x1a\x12\x64lm/v1/guide.proto\"?\n\x0fSetGuideRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x11\n\tcard_json\x18\x03 \x01(\t\"\"\n\x12RemoveGuideRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13RemoveGuideResponse\"I\n\x07\x43ontrol\x12\r\n\x05guide\x18\x01 \x01(\t\x12\x0f\n\x07targets\x18\x02 \x03(\t\x12\x13\n\x06weight\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\t\n\x07_weight\"\x1a\n\x06Infill\x12\x10\n\x08template\x18\x01 \x03(\t\"R\n\x06Syntax\x12\x0b\n\x03pos\x18\x01 \x03(\t\x12\x1b\n\x05spans\x18\x02 \x03(\x0b\x32\x0c.dlm.v1.Span\x12\x13\n\x06weight\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\t\n\x07_weight\"1\n\x04Span\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\x12\r\n\x05label\x18\x03 \x01(\t\"\xa0\x03\n\x08Guidance\x12%\n\x18steps_per_diffusion_step\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x16\n\tstep_size\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12&\n\x06update\x18\x03 \x01(\x0e\x32\x16.dlm.v1.GuidanceUpdate\x12\x1b\n\x0e\x66luency_weight\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x17\n\nstart_step\x18\x05 \x01(\rH\x03\x88\x01\x01\x12\x16\n\tstop_step\x18\x06 \x01(\rH\x04\x88\x01\x01\x12\x1b\n\x0esatisfied_prob\x18\x07 \x01(\x02H\x05\x88\x01\x01\x12$\n\x05space\x18\x08 \x01(\x0e\x32\x15.dlm.v1.GuidanceSpace\x12\x1b\n\x0e\x65stimate_until\x18\t \x01(\rH\x06\x88\x01\x01\x42\x1b\n\x19_steps_per_diffusion_stepB\x0c\n\n_step_sizeB\x11\n\x0f_fluency_weightB\r\n\x0b_start_stepB\x0c\n\n_stop_stepB\x11\n\x0f_satisfied_probB\x11\n\x0f_estimate_until\"\xcb\x03\n\x0fGenerateRequest\x12\t\n\x01n\x18\x01 \x01(\r\x12\x12\n\x05steps\x18\x02 \x01(\rH\x00\x88\x01\x01\x12 \n\x07sampler\x18\x03 \x01(\x0e\x32\x0f.dlm.v1.Sampler\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x01\x88\x01\x01\x12\x12\n\x05\x63lamp\x18\x05 \x01(\x08H\x02\x88\x01\x01\x12!\n\x08\x63ontrols\x18\x06 \x03(\x0b\x32\x0f.dlm.v1.Control\x12\x13\n\x06length\x18\x07 \x01(\rH\x03\x88\x01\x01\x12\x1e\n\x06infill\x18\x08 \x01(\x0b\x32\x0e.dlm.v1.Infill\x12\"\n\x08guidance\x18\t \x01(\x0b\x32\x10.dlm.v1.Guidance\x12\x1b\n\x0eprogress_every\x18\n \x01(\rH\x04\x88\x01\x01\x12\x14\n\x07\x62\x65st_of\x18\x0b \x01(\rH\x05\x88\x01\x01\x12\x1e\n\x06syntax\x18\x0c \x01(\x0b\x32\x0e.dlm.v1.Syntax\x12!\n\x14\x63lamp_repeat_penalty\x18\r \x01(\x02H\x06\x88\x01\x01\x42\x08\n\x06_stepsB\x07\n\x05_seedB\x08\n\x06_clampB\t\n\x07_lengthB\x11\n\x0f_progress_everyB\n\n\x08_best_ofB\x17\n\x15_clamp_repeat_penalty\"-\n\nGuideScore\x12\r\n\x05guide\x18\x01 \x01(\t\x12\x10\n\x08log_prob\x18\x02 \x01(\x02\"z\n\x06Sample\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\"\n\x06scores\x18\x03 \x03(\x0b\x32\x12.dlm.v1.GuideScore\x12\x1b\n\x0emodel_log_prob\x18\x04 \x01(\x02H\x00\x88\x01\x01\x42\x11\n\x0f_model_log_prob\"W\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x13\n\x0bsampling_ms\x18\x02 \x01(\x01\x12\x13\n\x0bguidance_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"w\n\x10GenerateResponse\x12\x1f\n\x07samples\x18\x01 \x03(\x0b\x32\x0e.dlm.v1.Sample\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12 \n\x07timings\x18\x03 \x01(\x0b\x32\x0f.dlm.v1.Timings\x12\x12\n\nrequest_id\x18\x04 \x01(\x04\"<\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\r\n\x05texts\x18\x03 \x03(\t\"j\n\rGenerateEvent\x12$\n\x08progress\x18\x01 \x01(\x0b\x32\x10.dlm.v1.ProgressH\x00\x12*\n\x06result\x18\x02 \x01(\x0b\x32\x18.dlm.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"\x11\n\x0f\x44\x65scribeRequest\"\xa6\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x11\n\tembed_dim\x18\x03 \x01(\r\x12\x0f\n\x07seq_len\x18\x04 \x01(\r\x12\x17\n\x0f\x64iffusion_steps\x18\x05 \x01(\r\x12\x10\n\x08schedule\x18\x06 \x01(\t\x12\x18\n\x10\x65mbedding_sha256\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\"_\n\tGuideInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tendpoints\x18\x02 \x03(\t\x12\"\n\x06\x66ields\x18\x03 \x03(\x0b\x32\x12.dlm.v1.GuideField\x12\r\n\x05ready\x18\x04 \x01(\x08\"f\n\x10\x44\x65scribeResponse\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.dlm.v1.ModelInfo\x12!\n\x06guides\x18\x02 \x03(\x0b\x32\x11.dlm.v1.GuideInfo\x12\r\n\x05ready\x18\x03 \x01(\x08*F\n\x07Sampler\x12\x17\n\x13SAMPLER_UNSPECIFIED\x10\x00\x12\x10\n\x0cSAMPLER_DDPM\x10\x01\x12\x10\n\x0cSAMPLER_DDIM\x10\x02*\xa6\x01\n\x0eGuidanceUpdate\x12\x1f\n\x1bGUIDANCE_UPDATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17GUIDANCE_UPDATE_ADAGRAD\x10\x01\x12\x18\n\x14GUIDANCE_UPDATE_SIGN\x10\x02\x12\x1e\n\x1aGUIDANCE_UPDATE_NORMALIZED\x10\x03\x12\x1c\n\x18GUIDANCE_UPDATE_PROXIMAL\x10\x04*g\n\rGuidanceSpace\x12\x1e\n\x1aGUIDANCE_SPACE_UNSPECIFIED\x10\x00\x12\x19\n\x15GUIDANCE_SPACE_LATENT\x10\x01\x12\x1b\n\x17GUIDANCE_SPACE_ESTIMATE\x10\x02\x32\xcd\x02\n\tGenerator\x12=\n\x08Generate\x12\x17.dlm.v1.GenerateRequest\x1a\x18.dlm.v1.GenerateResponse\x12\x42\n\x0eGenerateStream\x12\x17.dlm.v1.GenerateRequest\x1a\x15.dlm.v1.GenerateEvent0\x01\x12=\n\x08\x44\x65scribe\x12\x17.dlm.v1.DescribeRequest\x1a\x18.dlm.v1.DescribeResponse\x12\x36\n\x08SetGuide\x12\x17.dlm.v1.SetGuideRequest\x1a\x11.dlm.v1.GuideInfo\x12\x46\n\x0bRemoveGuide\x12\x1a.dlm.v1.RemoveGuideRequest\x1a\x1b.dlm.v1.RemoveGuideResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dlm.v1.generator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SAMPLER']._serialized_start=2177
-  _globals['_SAMPLER']._serialized_end=2247
-  _globals['_GUIDANCEUPDATE']._serialized_start=2250
-  _globals['_GUIDANCEUPDATE']._serialized_end=2416
-  _globals['_GUIDANCESPACE']._serialized_start=2418
-  _globals['_GUIDANCESPACE']._serialized_end=2521
+  _globals['_SAMPLER']._serialized_start=2237
+  _globals['_SAMPLER']._serialized_end=2307
+  _globals['_GUIDANCEUPDATE']._serialized_start=2310
+  _globals['_GUIDANCEUPDATE']._serialized_end=2476
+  _globals['_GUIDANCESPACE']._serialized_start=2478
+  _globals['_GUIDANCESPACE']._serialized_end=2581
   _globals['_SETGUIDEREQUEST']._serialized_start=54
   _globals['_SETGUIDEREQUEST']._serialized_end=117
   _globals['_REMOVEGUIDEREQUEST']._serialized_start=119
@@ -55,27 +55,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GUIDANCE']._serialized_start=417
   _globals['_GUIDANCE']._serialized_end=833
   _globals['_GENERATEREQUEST']._serialized_start=836
-  _globals['_GENERATEREQUEST']._serialized_end=1235
-  _globals['_GUIDESCORE']._serialized_start=1237
-  _globals['_GUIDESCORE']._serialized_end=1282
-  _globals['_SAMPLE']._serialized_start=1284
-  _globals['_SAMPLE']._serialized_end=1406
-  _globals['_TIMINGS']._serialized_start=1408
-  _globals['_TIMINGS']._serialized_end=1495
-  _globals['_GENERATERESPONSE']._serialized_start=1497
-  _globals['_GENERATERESPONSE']._serialized_end=1616
-  _globals['_PROGRESS']._serialized_start=1618
-  _globals['_PROGRESS']._serialized_end=1678
-  _globals['_GENERATEEVENT']._serialized_start=1680
-  _globals['_GENERATEEVENT']._serialized_end=1786
-  _globals['_DESCRIBEREQUEST']._serialized_start=1788
-  _globals['_DESCRIBEREQUEST']._serialized_end=1805
-  _globals['_MODELINFO']._serialized_start=1808
-  _globals['_MODELINFO']._serialized_end=1974
-  _globals['_GUIDEINFO']._serialized_start=1976
-  _globals['_GUIDEINFO']._serialized_end=2071
-  _globals['_DESCRIBERESPONSE']._serialized_start=2073
-  _globals['_DESCRIBERESPONSE']._serialized_end=2175
-  _globals['_GENERATOR']._serialized_start=2524
-  _globals['_GENERATOR']._serialized_end=2857
+  _globals['_GENERATEREQUEST']._serialized_end=1295
+  _globals['_GUIDESCORE']._serialized_start=1297
+  _globals['_GUIDESCORE']._serialized_end=1342
+  _globals['_SAMPLE']._serialized_start=1344
+  _globals['_SAMPLE']._serialized_end=1466
+  _globals['_TIMINGS']._serialized_start=1468
+  _globals['_TIMINGS']._serialized_end=1555
+  _globals['_GENERATERESPONSE']._serialized_start=1557
+  _globals['_GENERATERESPONSE']._serialized_end=1676
+  _globals['_PROGRESS']._serialized_start=1678
+  _globals['_PROGRESS']._serialized_end=1738
+  _globals['_GENERATEEVENT']._serialized_start=1740
+  _globals['_GENERATEEVENT']._serialized_end=1846
+  _globals['_DESCRIBEREQUEST']._serialized_start=1848
+  _globals['_DESCRIBEREQUEST']._serialized_end=1865
+  _globals['_MODELINFO']._serialized_start=1868
+  _globals['_MODELINFO']._serialized_end=2034
+  _globals['_GUIDEINFO']._serialized_start=2036
+  _globals['_GUIDEINFO']._serialized_end=2131
+  _globals['_DESCRIBERESPONSE']._serialized_start=2133
+  _globals['_DESCRIBERESPONSE']._serialized_end=2235
+  _globals['_GENERATOR']._serialized_start=2584
+  _globals['_GENERATOR']._serialized_end=2917
 # @@protoc_insertion_point(module_scope)

@@ -118,7 +118,7 @@ class Guidance(_message.Message):
     def __init__(self, steps_per_diffusion_step: _Optional[int] = ..., step_size: _Optional[float] = ..., update: _Optional[_Union[GuidanceUpdate, str]] = ..., fluency_weight: _Optional[float] = ..., start_step: _Optional[int] = ..., stop_step: _Optional[int] = ..., satisfied_prob: _Optional[float] = ..., space: _Optional[_Union[GuidanceSpace, str]] = ..., estimate_until: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("n", "steps", "sampler", "seed", "clamp", "controls", "length", "infill", "guidance", "progress_every", "best_of", "syntax")
+    __slots__ = ("n", "steps", "sampler", "seed", "clamp", "controls", "length", "infill", "guidance", "progress_every", "best_of", "syntax", "clamp_repeat_penalty")
     N_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     SAMPLER_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +131,7 @@ class GenerateRequest(_message.Message):
     PROGRESS_EVERY_FIELD_NUMBER: _ClassVar[int]
     BEST_OF_FIELD_NUMBER: _ClassVar[int]
     SYNTAX_FIELD_NUMBER: _ClassVar[int]
+    CLAMP_REPEAT_PENALTY_FIELD_NUMBER: _ClassVar[int]
     n: int
     steps: int
     sampler: Sampler
@@ -143,7 +144,8 @@ class GenerateRequest(_message.Message):
     progress_every: int
     best_of: int
     syntax: Syntax
-    def __init__(self, n: _Optional[int] = ..., steps: _Optional[int] = ..., sampler: _Optional[_Union[Sampler, str]] = ..., seed: _Optional[int] = ..., clamp: bool = ..., controls: _Optional[_Iterable[_Union[Control, _Mapping]]] = ..., length: _Optional[int] = ..., infill: _Optional[_Union[Infill, _Mapping]] = ..., guidance: _Optional[_Union[Guidance, _Mapping]] = ..., progress_every: _Optional[int] = ..., best_of: _Optional[int] = ..., syntax: _Optional[_Union[Syntax, _Mapping]] = ...) -> None: ...
+    clamp_repeat_penalty: float
+    def __init__(self, n: _Optional[int] = ..., steps: _Optional[int] = ..., sampler: _Optional[_Union[Sampler, str]] = ..., seed: _Optional[int] = ..., clamp: bool = ..., controls: _Optional[_Iterable[_Union[Control, _Mapping]]] = ..., length: _Optional[int] = ..., infill: _Optional[_Union[Infill, _Mapping]] = ..., guidance: _Optional[_Union[Guidance, _Mapping]] = ..., progress_every: _Optional[int] = ..., best_of: _Optional[int] = ..., syntax: _Optional[_Union[Syntax, _Mapping]] = ..., clamp_repeat_penalty: _Optional[float] = ...) -> None: ...
 
 class GuideScore(_message.Message):
     __slots__ = ("guide", "log_prob")
