@@ -1,7 +1,8 @@
 //! Reverse diffusion: from pure noise to words. Each step predicts x0, optionally snaps it to word
 //! embeddings (the clamping trick; jointly per sequence, clamp.rs), and moves to the next latent —
-//! DDPM (posterior mean plus noise) or DDIM (deterministic, η = 0). Every sequence carries its own step index and its own
-//! random stream, so a sequence's result does not depend on what else shares its batch.
+//! DDPM (posterior mean plus noise) or DDIM (deterministic, η = 0). Every sequence carries its own
+//! step index and its own random stream, so a sequence's result does not depend on what else shares
+//! its batch.
 
 use std::time::Instant;
 
