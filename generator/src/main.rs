@@ -842,12 +842,12 @@ fn sample(args: SampleArgs, device: &Device) -> anyhow::Result<()> {
         .with_context(|| format!("loading model from {}", args.model.display()))?;
     let seed = args.seed.unwrap_or_else(rand::random);
     tracing::info!(seed, n = args.n, steps = args.steps, "sampling");
-    dlm_generator::diffusion::clamp::repeat_penalty(
+    let repeat_penalty = dlm_generator::diffusion::clamp::repeat_penalty(
         "--clamp-repeat-penalty",
         Some(args.clamp_repeat_penalty),
     )?;
     let sampler = Sampler::new(&loaded.model, args.steps, args.sampler, args.clamp)?
-        .with_repeat_penalty(args.clamp_repeat_penalty);
+        .with_repeat_penalty(repeat_penalty);
     let samples = sampler.sample(args.n, seed, args.batch_size)?;
     let mut out = std::io::stdout().lock();
     for (index, ids) in samples.ids.iter().enumerate() {

@@ -14,8 +14,9 @@
 //! quality, has both measured). The sampler skips it on the last step: the text is rounded from
 //! the model's own final estimate, so a doubled word in the output is one the model wrote there.
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 
+use crate::model::diffusion_lm::distances_to_rows;
 use crate::text::tokenizer::SPECIAL_TOKENS;
 use crate::{Error, Result};
 
@@ -63,13 +64,9 @@ pub fn snap_jointly(x0: &Tensor, table: &Tensor, rows: &[RowClamp]) -> Result<Te
             rows.len()
         )));
     }
-    // ‖x − e‖² − ‖x‖² = ‖e‖² − 2x·e: the ‖x‖² left out is the same for every word of a position,
-    // and every path takes one word per position, so the choice is unchanged.
-    let distances = x0
-        .reshape((b * l, d))?
-        .matmul(&table.t()?)?
-        .affine(-2.0, 0.0)?
-        .broadcast_add(&table.sqr()?.sum(D::Minus1)?)?
+    // Every path takes one word per position, so the ‖x‖² these distances leave out changes no
+    // path's rank.
+    let distances = distances_to_rows(x0, table)?
         .flatten_all()?
         .to_vec1::<f32>()?;
     let v = table.dim(0)?;

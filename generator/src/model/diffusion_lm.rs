@@ -128,15 +128,18 @@ pub fn clamp_to_rows(x0: &Tensor, table: &Tensor) -> candle_core::Result<Tensor>
         return super::ops::nearest_rows(x0, table);
     }
     let (b, l, d) = x0.dims3()?;
-    let flat = x0.reshape((b * l, d))?;
-    // ‖x − e‖² = ‖x‖² − 2x·e + ‖e‖²; ‖x‖² is the same for every e, so it can be left out.
-    let e_sq = table.sqr()?.sum(1)?;
-    let dist = flat
+    let nearest = distances_to_rows(x0, table)?.argmin(1)?;
+    table.index_select(&nearest, 0)?.reshape((b, l, d))
+}
+
+/// ‖x − e‖² − ‖x‖² for every vector x of x0 [B, L, D] and row e of `table` [V, D]: [B·L, V].
+/// ‖x‖² is the same for every e, so it is left out: the order of a vector's rows is unchanged.
+pub fn distances_to_rows(x0: &Tensor, table: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, l, d) = x0.dims3()?;
+    x0.reshape((b * l, d))?
         .matmul(&table.t()?)?
         .affine(-2.0, 0.0)?
-        .broadcast_add(&e_sq)?;
-    let nearest = dist.argmin(1)?;
-    table.index_select(&nearest, 0)?.reshape((b, l, d))
+        .broadcast_add(&table.sqr()?.sum(1)?)
 }
 
 /// A model directory loaded for inference: weights, config and tokenizer.
