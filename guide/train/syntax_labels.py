@@ -19,8 +19,11 @@ without dropping words (a text with an unparsable sentence keeps the spans of th
 from __future__ import annotations
 
 import argparse
+import collections
+import csv
 import json
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -79,11 +82,43 @@ class Tagger:
         return out
 
 
+def written_forms(references: pathlib.Path, min_count: int = 5) -> dict[str, str]:
+    """A truecaser fitted on E2E's own (cased) train references: lower-case word -> the form it is
+    written in most often there, for the words whose usual form is not lower case ("chinese" ->
+    "Chinese", "zizzi" -> "Zizzi"); sentence-initial words are not counted."""
+    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    with open(references, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            tokens = re.findall(r"\w+|[^\w\s]", row["ref"])
+            for i, t in enumerate(tokens):
+                if i > 0 and tokens[i - 1] not in ".!?":
+                    counts[t.lower()][t] += 1
+    out = {}
+    for word, forms in counts.items():
+        form, n = forms.most_common(1)[0]
+        if form != word and n >= min_count:
+            out[word] = form
+    return out
+
+
+# Word pieces the generator's tokenizer splits off and writers join: "family - friendly",
+# "it ' s", "£ 20".
+CLITICS = {"s", "t", "re", "ll", "ve", "d", "m"}
+# Compound adjectives the parser's dictionary lacks, written or not with a hyphen ("family friendly",
+# "high priced", "low rated": the head after a noun or adjective, by the tagger's tags): the parser
+# reads the head alone, which has the compound's syntax.
+COMPOUND_HEADS = {"friendly", "priced", "rated"}
+
+
 class Parser:
     """Constituent spans per sentence from the link grammar parser (null links not allowed: a sentence
-    it cannot link whole gets no spans rather than a guessed tree)."""
+    it cannot link whole gets no spans rather than a guessed tree). The parser reads each sentence as
+    a writer would write it: proper names and nationalities cased as in E2E's references, the first
+    word capitalised, hyphens, apostrophes and "£" joined to their words. Spans still index the
+    generator's words."""
 
-    def __init__(self, max_parse_time: int = 2):
+    def __init__(self, cased: dict[str, str], max_parse_time: int = 2):
+        self.cased = cased
         from linkgrammar import Dictionary, ParseOptions  # Debian's bindings (system Python)
         # The library writes its locale notes to stdout, where the labels go: send them to stderr.
         sys.stdout.flush()
@@ -97,23 +132,52 @@ class Parser:
         self.options = ParseOptions(verbosity=0, linkage_limit=1, max_parse_time=max_parse_time,
                                     min_null_count=0, max_null_count=0)
 
-    def sentence_spans(self, words: list[str]) -> list[tuple[int, int, str]] | None:
+    def written(self, words: list[str], tags: list[str]) -> tuple[str, list[int]]:
+        """The sentence as the parser reads it, and the character offset of each of our words in it."""
+        text, offsets, join_next = "", [], False
+        for i, w in enumerate(words):
+            prev = words[i - 1] if i else ""
+            nxt = words[i + 1] if i + 1 < len(words) else ""
+            joiner = (w == "-" and prev.isalnum() and nxt.isalnum()) or (w == "'" and prev.isalnum() and nxt in CLITICS)
+            hyphenated = join_next and prev == "-" and i > 1
+            if w in COMPOUND_HEADS and (hyphenated or (i > 0 and tags[i - 1] in ("NN", "NNS", "JJ"))):
+                # The compound is read as its head: its words share the head's offset.
+                first = len(offsets) - (2 if hyphenated else 1)
+                text = text[:offsets[first]]
+                offsets[first:] = [len(text)] * (len(offsets) - first)
+                offsets.append(len(text))
+                text += w
+                join_next = False
+                continue
+            glued = joiner or join_next or (prev == "£" and w[:1].isdigit())
+            form = self.cased.get(w, w)
+            if i == 0:
+                form = form[:1].upper() + form[1:]
+            if text and not glued:
+                text += " "
+            offsets.append(len(text))
+            text += form
+            join_next = joiner
+        return text, offsets
+
+    def sentence_spans(self, words: list[str], tags: list[str]) -> list[tuple[int, int, str]] | None:
         from linkgrammar import Sentence
-        linkages = Sentence(" ".join(words), self.dictionary, self.options).parse()
+        text, offsets = self.written(words, tags)
+        linkages = Sentence(text, self.dictionary, self.options).parse()
         linkage = next(iter(linkages), None)
         if linkage is None or linkage.unused_word_cost() > 0:
             return None
-        # Linkage word -> our word index by character offset (walls have none).
-        starts, pos = {}, 0
-        for i, w in enumerate(words):
-            starts[pos] = i
-            pos += len(w) + 1
-        leaf_words = [starts.get(linkage.word_char_start(k)) for k in range(1, linkage.num_of_words() - 1)]
-        ends = {}
-        for k in range(1, linkage.num_of_words() - 1):
-            # The last of our words this linkage word covers.
-            end_char = linkage.word_char_end(k)
-            ends[k - 1] = max(i for p, i in starts.items() if p < end_char)
+        # Linkage word (walls have none) -> the first and last of our words it covers, by character
+        # offset (the parser may split a written word, "it's" -> "it" "'s", or join ours).
+        def first_at(at: int) -> int:
+            start = max(p for p in offsets if p <= at)
+            return offsets.index(start)
+
+        def last_at(at: int) -> int:
+            return max(i for i, p in enumerate(offsets) if p <= at)
+        words_of_leaf = range(1, linkage.num_of_words() - 1)
+        leaf_words = [first_at(linkage.word_char_start(k)) for k in words_of_leaf]
+        ends = {k - 1: last_at(linkage.word_char_end(k) - 1) for k in words_of_leaf}
         tokens = re.findall(r"\(|\)|[^\s()]+", linkage.constituent_tree(1))
         spans, leaf = [], 0
 
@@ -135,18 +199,18 @@ class Parser:
             return first, last, i + 1
 
         node(0)
-        if leaf != len(leaf_words) or any(w is None for w in leaf_words):
+        if leaf != len(leaf_words):
             return None
         spans = [(leaf_words[a], ends[b], label) for a, b, label in spans]
         return sorted(set(spans))
 
-    def spans(self, words: list[str]) -> list[tuple[int, int, str]] | None:
+    def spans(self, words: list[str], tags: list[str]) -> list[tuple[int, int, str]] | None:
         """All sentences' spans, split at the sentence-final "." words; None if no sentence parsed."""
         out, start, parsed = [], 0, False
         for i, w in enumerate(words + ["."]):
             if w == "." and i > start:
                 sent = words[start:i + 1] if i < len(words) else words[start:]
-                got = self.sentence_spans(sent)
+                got = self.sentence_spans(sent, tags[start:start + len(sent)])
                 if got is not None:
                     parsed = True
                     out += [(a + start, b + start, lab) for a, b, lab in got]
@@ -162,6 +226,9 @@ def main() -> int:
     ap.add_argument("--output", default=env("DLM_OUTPUT", "-"), help="JSONL labels (- = stdout) [DLM_OUTPUT]")
     ap.add_argument("--no-spans", action="store_true", default=bool(env("DLM_NO_SPANS")),
                     help="tags only (the parser is the slow part) [DLM_NO_SPANS]")
+    ap.add_argument("--written-forms", type=pathlib.Path,
+                    default=env("DLM_WRITTEN_FORMS", str(pathlib.Path(__file__).resolve().parents[3] / "shared/data/e2e/trainset.csv")),
+                    help="the cased E2E references the parser's truecaser is fitted on [DLM_WRITTEN_FORMS]")
     ap.add_argument("--versions", action="store_true", help="print the tools' Debian versions as JSON and exit")
     args = ap.parse_args()
     if args.versions:
@@ -169,12 +236,12 @@ def main() -> int:
         return 0
     lines = (sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")).read().splitlines()
     tagger = Tagger()
-    parser = None if args.no_spans else Parser()
+    parser = None if args.no_spans else Parser(written_forms(args.written_forms))
     out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
     for n, line in enumerate(lines):
         words = line.split()
-        row = {"words": words, "pos": tagger.tags(words) if words else [],
-               "spans": None if parser is None or not words else parser.spans(words)}
+        tags = tagger.tags(words) if words else []
+        row = {"words": words, "pos": tags, "spans": None if parser is None or not words else parser.spans(words, tags)}
         out.write(json.dumps(row) + "\n")
         if (n + 1) % 1000 == 0:
             print(f"\r{n + 1}/{len(lines)} texts", end="", file=sys.stderr)
