@@ -5,8 +5,9 @@ a Penn Treebank part-of-speech tag per word and the labelled constituent spans o
     spans: the link grammar parser's constituent trees (Debian python3-link-grammar, English dictionary)
 
 Both run only where guides are trained and evaluated; a served guide never needs them. Texts are tagged
-exactly as written (lower case, the generator's word split), so training labels and the measure of
-generated texts come from the same pipeline. Run with the system Python, which has the link grammar
+exactly as written (lower case, the generator's word split); the parser reads each sentence as a writer
+would write it (see Parser) and its spans are mapped back onto the generator's words. Training labels
+and the measure of generated texts come from the same pipeline. Run with the system Python, which has the link grammar
 bindings:
 
     /usr/bin/python3 guide/train/syntax_labels.py --input texts.txt --output labels.jsonl
@@ -114,8 +115,8 @@ class Parser:
     """Constituent spans per sentence from the link grammar parser (null links not allowed: a sentence
     it cannot link whole gets no spans rather than a guessed tree). The parser reads each sentence as
     a writer would write it: proper names and nationalities cased as in E2E's references, the first
-    word capitalised, hyphens, apostrophes and "£" joined to their words. Spans still index the
-    generator's words."""
+    word capitalised, hyphens, apostrophes and "£" joined to their words, compound adjectives read as
+    their head. Spans still index the generator's words."""
 
     def __init__(self, cased: dict[str, str], max_parse_time: int = 2):
         self.cased = cased
