@@ -7,8 +7,8 @@ a Penn Treebank part-of-speech tag per word and the labelled constituent spans o
 Both run only where guides are trained and evaluated; a served guide never needs them. Texts are tagged
 exactly as written (lower case, the generator's word split); the parser reads each sentence as a writer
 would write it (see Parser) and its spans are mapped back onto the generator's words. Training labels
-and the measure of generated texts come from the same pipeline. Run with the system Python, which has the link grammar
-bindings:
+and the measure of generated texts come from the same pipeline. Run with the system Python, which has
+the link grammar bindings:
 
     /usr/bin/python3 guide/train/syntax_labels.py --input texts.txt --output labels.jsonl
 
@@ -140,7 +140,7 @@ class Parser:
             prev = words[i - 1] if i else ""
             nxt = words[i + 1] if i + 1 < len(words) else ""
             joiner = (w == "-" and prev.isalnum() and nxt.isalnum()) or (w == "'" and prev.isalnum() and nxt in CLITICS)
-            hyphenated = join_next and prev == "-" and i > 1
+            hyphenated = join_next and prev == "-"  # "family - friendly": the hyphen was joined
             if w in COMPOUND_HEADS and (hyphenated or (i > 0 and tags[i - 1] in ("NN", "NNS", "JJ"))):
                 # The compound is read as its head: its words share the head's offset.
                 first = len(offsets) - (2 if hyphenated else 1)
@@ -176,9 +176,9 @@ class Parser:
 
         def last_at(at: int) -> int:
             return max(i for i, p in enumerate(offsets) if p <= at)
-        words_of_leaf = range(1, linkage.num_of_words() - 1)
-        leaf_words = [first_at(linkage.word_char_start(k)) for k in words_of_leaf]
-        ends = {k - 1: last_at(linkage.word_char_end(k) - 1) for k in words_of_leaf}
+        linkage_words = range(1, linkage.num_of_words() - 1)
+        leaf_words = [first_at(linkage.word_char_start(k)) for k in linkage_words]
+        ends = {k - 1: last_at(linkage.word_char_end(k) - 1) for k in linkage_words}
         tokens = re.findall(r"\(|\)|[^\s()]+", linkage.constituent_tree(1))
         spans, leaf = [], 0
 
