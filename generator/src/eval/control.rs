@@ -15,6 +15,8 @@ struct Paraphrases {
     phrases: HashMap<String, HashMap<String, Vec<String>>>,
     /// field -> value -> the value whose realisation cancels it ("not family friendly" is not "yes").
     unless: HashMap<String, HashMap<String, String>>,
+    /// E2E's restaurant names: their words say nothing of the other fields.
+    restaurant_names: Vec<String>,
 }
 
 static PARAPHRASES: LazyLock<Paraphrases> = LazyLock::new(|| {
@@ -30,7 +32,35 @@ pub fn realises(text: &str, field: &str, value: &str) -> bool {
     realises_words(&words(text), field, value)
 }
 
+/// `text` with each restaurant name's words blanked ("near raja indian cuisine" does not say food =
+/// Indian), for matching the fields other than `name` and `near`.
+fn without_restaurant_names(text: &[String]) -> Vec<String> {
+    static NAMES: LazyLock<Vec<Vec<String>>> = LazyLock::new(|| {
+        PARAPHRASES
+            .restaurant_names
+            .iter()
+            .map(|n| words(n))
+            .collect()
+    });
+    let mut out = text.to_vec();
+    for name in NAMES.iter() {
+        for start in 0..text.len().saturating_sub(name.len() - 1) {
+            if text[start..start + name.len()] == name[..] {
+                out[start..start + name.len()].fill(String::new());
+            }
+        }
+    }
+    out
+}
+
 fn realises_words(text: &[String], field: &str, value: &str) -> bool {
+    if field != "name" && field != "near" {
+        return realises_outside_names(&without_restaurant_names(text), field, value);
+    }
+    realises_outside_names(text, field, value)
+}
+
+fn realises_outside_names(text: &[String], field: &str, value: &str) -> bool {
     let table = &*PARAPHRASES;
     let said = match table
         .phrases
@@ -45,7 +75,7 @@ fn realises_words(text: &[String], field: &str, value: &str) -> bool {
             .unless
             .get(field)
             .and_then(|values| values.get(value))
-            .is_some_and(|other| realises_words(text, field, other))
+            .is_some_and(|other| realises_outside_names(text, field, other))
     };
     said && !cancelled()
 }
@@ -229,6 +259,25 @@ pub fn rates(results: &[(Target, Vec<String>)]) -> ControlRates {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_restaurant_names_words_say_no_other_field() {
+        let text = "The Vaults is a pub near Raja Indian Cuisine.";
+        assert!(realises(text, "near", "Raja Indian Cuisine"));
+        assert!(!realises(text, "food", "Indian"));
+        assert!(realises(
+            "Near Raja Indian Cuisine, it serves Indian food.",
+            "food",
+            "Indian"
+        ));
+        // Half a name is not the name, and its words are free again.
+        assert!(!realises(
+            "near raja indian food",
+            "near",
+            "Raja Indian Cuisine"
+        ));
+        assert!(realises("near raja indian food", "food", "Indian"));
+    }
 
     #[test]
     fn targets_take_k_fields_of_one_mr_and_all_means_the_whole_mr() {
