@@ -44,8 +44,8 @@ fn without_restaurant_names(text: &[String]) -> Vec<String> {
     });
     let mut out = text.to_vec();
     for name in NAMES.iter() {
-        for start in 0..text.len().saturating_sub(name.len() - 1) {
-            if text[start..start + name.len()] == name[..] {
+        for (start, window) in text.windows(name.len()).enumerate() {
+            if window == name.as_slice() {
                 out[start..start + name.len()].fill(String::new());
             }
         }
