@@ -32,6 +32,8 @@ target/release/dlm-generator generate --endpoint "http://127.0.0.1:$gen_port" \
     --control eatType=pub --control "near=The Sorrento" --n 3 --seed 1
 echo "--- 3 texts of exactly 10 words, no control (seed 1):"
 target/release/dlm-generator generate --endpoint "http://127.0.0.1:$gen_port" --n 3 --seed 1 --length 10
-echo "--- 3 texts steered to the tags DT NN VBZ DT JJ NN IN DT NN NN . (guide e2e-pos) (seed 1):"
+# Tags are a whole-sequence constraint: the tag setting pulls harder towards the model's own
+# proposal and leaves the last 40 steps to it (README, POS control that reads).
+echo "--- 3 texts steered to the tags DT NN VBZ DT JJ NN IN DT NN NN . (guide e2e-pos), the tag setting (seed 1):"
 target/release/dlm-generator generate --endpoint "http://127.0.0.1:$gen_port" --n 3 --seed 1 \
-    --pos "DT NN VBZ DT JJ NN IN DT NN NN ."
+    --pos "DT NN VBZ DT JJ NN IN DT NN NN ." --fluency-weight 0.2 --best-of 4 --guide-until 40

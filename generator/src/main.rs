@@ -1331,7 +1331,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
 
 fn eval_syntax(args: EvalSyntaxArgs) -> anyhow::Result<()> {
     use dlm_generator::eval::control::realises;
-    use dlm_generator::eval::syntax::{draw_targets, label, pos_rates, span_rate, SyntaxTarget};
+    use dlm_generator::eval::syntax::{draw_targets, pos_rates, span_rate, Labeller, SyntaxTarget};
     use dlm_generator::text::read_e2e;
     use dlm_proto::dlm::v1 as pb;
     use rand::seq::SliceRandom;
@@ -1352,7 +1352,13 @@ fn eval_syntax(args: EvalSyntaxArgs) -> anyhow::Result<()> {
     refs.shuffle(&mut rng);
     refs.truncate(4 * args.targets + 100); // enough to find `targets` parsed ones
     let texts: Vec<String> = refs.iter().map(|r| r.0.clone()).collect();
-    let labelled = label(&args.labeller_python, &args.labeller, &texts)?;
+    let written_forms = args.run.data_dir.join(data::TRAIN_FILE);
+    let labeller = Labeller {
+        python: &args.labeller_python,
+        script: &args.labeller,
+        written_forms: &written_forms,
+    };
+    let labelled = labeller.label(&texts)?;
     let rt = tokio::runtime::Runtime::new()?;
     let max_words = rt.block_on(args.run.endpoint.max_words())?;
     let mrs: Vec<_> = refs.iter().map(|r| &r.1).collect();
@@ -1465,7 +1471,7 @@ fn eval_syntax(args: EvalSyntaxArgs) -> anyhow::Result<()> {
             continue;
         }
         let strings: Vec<String> = mine.iter().map(|a| a.2.clone()).collect();
-        let got = label(&args.labeller_python, &args.labeller, &strings)?;
+        let got = labeller.label(&strings)?;
         let pairs: Vec<(&SyntaxTarget, &_)> = mine
             .iter()
             .zip(&got)

@@ -292,8 +292,10 @@ class SyntaxData:
     """Targets for the pos and span tasks: the references' words labelled by syntax_labels.py (POS tags,
     constituent spans), cached under `cache` by the texts and the tools' versions."""
 
-    def __init__(self, task: str, tok: Tokenizer, seq_len: int, cache: pathlib.Path, min_label_count: int = 20):
+    def __init__(self, task: str, tok: Tokenizer, seq_len: int, cache: pathlib.Path, written_forms: pathlib.Path,
+                 min_label_count: int = 20):
         self.task, self.tok, self.seq_len, self.cache = task, tok, seq_len, cache
+        self.written_forms = written_forms  # the cased references the parser's truecaser is fitted on
         self.max_words = seq_len - 2  # [START] words [END]
         self.min_label_count = min_label_count
         self.tags: list[str] = []
@@ -313,7 +315,8 @@ class SyntaxData:
             self.cache.mkdir(parents=True, exist_ok=True)
             (self.cache / f"{key}.txt").write_text(lines, encoding="utf-8")
             print(f"labelling {len(texts)} texts into {path}", file=sys.stderr)
-            cmd = [SYSTEM_PYTHON, str(SYNTAX_LABELER), "--input", str(self.cache / f"{key}.txt"), "--output", f"{path}.part"]
+            cmd = [SYSTEM_PYTHON, str(SYNTAX_LABELER), "--input", str(self.cache / f"{key}.txt"), "--output", f"{path}.part",
+                   "--written-forms", str(self.written_forms)]
             subprocess.run(cmd + (["--no-spans"] if self.task == "pos" else []), check=True)
             pathlib.Path(f"{path}.part").rename(path)
         return [json.loads(line) for line in path.open(encoding="utf-8")]
@@ -525,7 +528,7 @@ def main() -> int:
         dev_ids, dev_y = dataset(dev)
         card_fields = [{"name": f, "values": values[f]} for f in fields]
     else:
-        syntax = SyntaxData(args.task, tok, seq_len, pathlib.Path(args.labels_cache))
+        syntax = SyntaxData(args.task, tok, seq_len, pathlib.Path(args.labels_cache), data / "trainset.csv")
         train_ids, train_y = syntax.dataset([ref for _, ref in train], fit=True)
         dev_ids, dev_y = syntax.dataset([ref for _, ref in dev])
         card_fields = syntax.card_fields()

@@ -3,20 +3,30 @@
 //! by the labeller the guides were trained with (guide/train/syntax_labels.py, Debian's tagger and
 //! link grammar parser, installed by deploy/setup.sh).
 
-use std::path::PathBuf;
+use std::path::Path;
 
-use dlm_generator::eval::syntax::{label, pos_rates, span_rate, SpanTarget, SyntaxTarget};
+use dlm_generator::eval::syntax::{
+    pos_rates, span_rate, Labeller, SpanTarget, SyntaxLabels, SyntaxTarget,
+};
 use dlm_proto::dlm::v1 as pb;
-use dlm_tests::{repo_root, texts};
+use dlm_tests::{data_dir, repo_root, texts};
 use tonic::Code;
 
 const GUIDES: [&str; 2] = ["e2e-pos", "e2e-spans"];
 
-fn labeller() -> (PathBuf, PathBuf) {
-    (
-        PathBuf::from("/usr/bin/python3"),
-        repo_root().join("guide/train/syntax_labels.py"),
-    )
+/// The guides' labeller on `texts`, its truecaser fitted on `written_forms`.
+fn label_with(written_forms: &Path, texts: &[String]) -> dlm_generator::Result<Vec<SyntaxLabels>> {
+    Labeller {
+        python: Path::new("/usr/bin/python3"),
+        script: &repo_root().join("guide/train/syntax_labels.py"),
+        written_forms,
+    }
+    .label(texts)
+}
+
+/// The same, fitted on the E2E train references.
+fn label(texts: &[String]) -> Vec<SyntaxLabels> {
+    label_with(&data_dir().join("trainset.csv"), texts).unwrap()
 }
 
 fn request(
@@ -152,21 +162,28 @@ async fn syntax_targets_need_a_guide_that_reads_them() {
 }
 
 #[test]
+fn a_labeller_without_its_references_names_the_file_it_lacks() {
+    let missing = Path::new("/nonexistent/e2e/trainset.csv");
+    let err = label_with(missing, &["the eagle is a pub .".to_string()])
+        .unwrap_err()
+        .to_string();
+    // The child's own last words, not only a guess at missing packages.
+    assert!(
+        err.contains("No such file") && err.contains("/nonexistent/e2e/trainset.csv"),
+        "{err}"
+    );
+}
+
+#[test]
 fn the_labeller_tags_and_parses_texts_as_the_generator_writes_them() {
-    let (python, script) = labeller();
-    let got = label(
-        &python,
-        &script,
-        &[
-            "the eagle is a cheap pub near the river .".to_string(),
-            "pub the the is .".to_string(),
-            // The parser reads names cased and compound adjectives whole ("child friendly"), as
-            // E2E's references write them; spans still index the generator's words.
-            "aromi serves chinese food near the portland arms .".to_string(),
-            "it is child friendly and has a high customer rating .".to_string(),
-        ],
-    )
-    .unwrap();
+    let got = label(&[
+        "the eagle is a cheap pub near the river .".to_string(),
+        "pub the the is .".to_string(),
+        // The parser reads names cased and compound adjectives whole ("child friendly"), as
+        // E2E's references write them; spans still index the generator's words.
+        "aromi serves chinese food near the portland arms .".to_string(),
+        "it is child friendly and has a high customer rating .".to_string(),
+    ]);
     assert_eq!(
         got[0].pos,
         ["DT", "NN", "VBZ", "DT", "JJ", "NN", "IN", "DT", "NN", "."]
@@ -217,9 +234,8 @@ async fn syntax_guides_steer_tags_and_constituents() {
         }),
         field: None,
     };
-    let (python, script) = labeller();
     let rate = |texts: &[String]| {
-        let got = label(&python, &script, texts).unwrap();
+        let got = label(texts);
         pos_rates(&got.iter().map(|g| (&target, g)).collect::<Vec<_>>())
     };
     let ((g_exact, g_words), (u_exact, u_words)) = (rate(&guided), rate(&unguided));
@@ -252,7 +268,7 @@ async fn syntax_guides_steer_tags_and_constituents() {
             .into_inner(),
     );
     let rate = |texts: &[String]| {
-        let got = label(&python, &script, texts).unwrap();
+        let got = label(texts);
         span_rate(&got.iter().map(|g| (&span_target, g)).collect::<Vec<_>>())
     };
     let (g, u) = (rate(&guided), rate(&unguided));

@@ -31,53 +31,71 @@ impl SyntaxLabels {
     }
 }
 
-/// Labels for `texts` (one per line, words space-separated as the generator writes them) from
-/// `python labeller`.
-pub fn label(python: &Path, labeller: &Path, texts: &[String]) -> Result<Vec<SyntaxLabels>> {
-    let failed = |e: std::io::Error| Error::Io {
-        path: labeller.to_path_buf(),
-        source: e,
-    };
-    let mut child = Command::new(python)
-        .arg(labeller)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(failed)?;
-    let mut input = String::new();
-    for t in texts {
-        input.push_str(&t.replace('\n', " "));
-        input.push('\n');
+/// The labeller: `python script --written-forms references`, one child process per call.
+pub struct Labeller<'a> {
+    /// The Python that runs it (the system one: it has the link grammar bindings).
+    pub python: &'a Path,
+    /// guide/train/syntax_labels.py.
+    pub script: &'a Path,
+    /// The cased E2E references its truecaser is fitted on (the train set's CSV).
+    pub written_forms: &'a Path,
+}
+
+impl Labeller<'_> {
+    /// Labels for `texts` (one per line, words space-separated as the generator writes them).
+    pub fn label(&self, texts: &[String]) -> Result<Vec<SyntaxLabels>> {
+        let failed = |e: std::io::Error| Error::Io {
+            path: self.script.to_path_buf(),
+            source: e,
+        };
+        let mut child = Command::new(self.python)
+            .arg(self.script)
+            .arg("--written-forms")
+            .arg(self.written_forms)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(failed)?;
+        let mut input = String::new();
+        for t in texts {
+            input.push_str(&t.replace('\n', " "));
+            input.push('\n');
+        }
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+        let out = child.wait_with_output().map_err(failed)?;
+        writer
+            .join()
+            .map_err(|_| Error::Internal("labeller input thread panicked".into()))?
+            .map_err(failed)?;
+        if !out.status.success() {
+            // Its last words say what failed (a missing package, a missing references file).
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let last = stderr.trim().lines().last().unwrap_or("no message");
+            return Err(Error::Internal(format!(
+                "{} {} exited with {}: {last} (it needs Debian's python3-link-grammar and \
+                 liblingua-en-tagger-perl, deploy/setup.sh --train, and the references {})",
+                self.python.display(),
+                self.script.display(),
+                out.status,
+                self.written_forms.display()
+            )));
+        }
+        let labels: Vec<SyntaxLabels> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| Error::Internal(format!("labeller output: {e}")))?;
+        if labels.len() != texts.len() {
+            return Err(Error::Internal(format!(
+                "labeller answered {} of {} texts",
+                labels.len(),
+                texts.len()
+            )));
+        }
+        Ok(labels)
     }
-    let mut stdin = child.stdin.take().expect("piped stdin");
-    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
-    let out = child.wait_with_output().map_err(failed)?;
-    writer
-        .join()
-        .map_err(|_| Error::Internal("labeller input thread panicked".into()))?
-        .map_err(failed)?;
-    if !out.status.success() {
-        return Err(Error::Internal(format!(
-            "{} {} exited with {} (are Debian's python3-link-grammar and liblingua-en-tagger-perl installed? deploy/setup.sh --train)",
-            python.display(),
-            labeller.display(),
-            out.status
-        )));
-    }
-    let labels: Vec<SyntaxLabels> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|e| Error::Internal(format!("labeller output: {e}")))?;
-    if labels.len() != texts.len() {
-        return Err(Error::Internal(format!(
-            "labeller answered {} of {} texts",
-            labels.len(),
-            texts.len()
-        )));
-    }
-    Ok(labels)
 }
 
 #[derive(Debug, Clone, PartialEq)]
