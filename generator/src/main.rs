@@ -231,6 +231,10 @@ struct EvalControlArgs {
     /// target, at most what the generator's canvas holds).
     #[arg(long, env = "DLM_LENGTH", default_value = "free")]
     length: dlm_generator::eval::control::TextLength,
+    /// Fix the target's name as the text's first words (infilling; guided and unguided alike), as
+    /// 60% of E2E's references begin; the guides steer the rest.
+    #[arg(long, env = "DLM_NAME_FIRST")]
+    name_first: bool,
 }
 
 #[derive(Args)]
@@ -436,6 +440,10 @@ struct GenerateArgs {
     /// Exact number of words.
     #[arg(long, env = "DLM_LENGTH")]
     length: Option<u32>,
+    /// Fixed words at fixed positions, space-separated, `_` for a word to generate ("the eagle _ _
+    /// _"); positions past the template are generated too, unless --length ends the text there.
+    #[arg(long, env = "DLM_INFILL")]
+    infill: Option<String>,
     /// Candidates sampled per text; the best by the model's own log p plus the guides' is returned.
     #[arg(long, env = "DLM_BEST_OF")]
     best_of: Option<u32>,
@@ -1303,6 +1311,9 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             controls,
             syntax,
             length: args.length,
+            infill: args.infill.as_ref().map(|t| pb::Infill {
+                template: t.split_whitespace().map(String::from).collect(),
+            }),
             guidance: args.guidance.to_proto(),
             best_of: args.best_of,
             clamp_repeat_penalty: args.clamp_repeat_penalty,
@@ -1586,6 +1597,19 @@ async fn generate_all(
     Ok(out)
 }
 
+/// An infill template with the target's name as its first words and every other position blank
+/// (`length` of them in all, or just the name's when the length is free); None without a name.
+fn name_first(
+    target: &dlm_generator::eval::control::Target,
+    length: Option<u32>,
+) -> Option<dlm_proto::dlm::v1::Infill> {
+    let (_, name) = target.iter().find(|(field, _)| field == "name")?;
+    let mut template = dlm_generator::text::tokenizer::words(name);
+    let blanks = length.map_or(0, |k| (k as usize).saturating_sub(template.len()));
+    template.extend(std::iter::repeat_n(String::from("_"), blanks));
+    Some(dlm_proto::dlm::v1::Infill { template })
+}
+
 /// `FIELD=W` of `eval-control --field-weight`.
 fn parse_field_weight(s: &str) -> Result<(String, f32), String> {
     let (field, weight) = s
@@ -1605,9 +1629,20 @@ fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
     use dlm_proto::dlm::v1 as pb;
     use rand::SeedableRng;
     let test = read_e2e(&args.run.data_dir.join(data::TEST_FILE))?;
-    let mrs: Vec<_> = test.into_iter().map(|r| r.mr).collect();
+    let mrs: Vec<_> = test.iter().map(|r| r.mr.clone()).collect();
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.run.seed);
-    let targets = draw_targets(&mrs, args.fields, args.targets, &mut rng);
+    let drawn = draw_targets(&mrs, args.fields, args.targets, &mut rng);
+    // E2E's own texts for the drawn MRs: the fluency a writer reaches saying the same facts.
+    let references: Vec<String> = drawn
+        .iter()
+        .flat_map(|(i, _)| {
+            let mr = &mrs[*i];
+            test.iter().filter(move |r| r.mr == *mr)
+        })
+        .filter_map(|r| r.text.as_deref())
+        .map(|t| dlm_generator::text::tokenizer::words(t).join(" "))
+        .collect();
+    let targets: Vec<Target> = drawn.into_iter().map(|(_, t)| t).collect();
     let rt = tokio::runtime::Runtime::new()?;
     let (medians, max_words) = match args.length {
         TextLength::Auto => (
@@ -1631,11 +1666,16 @@ fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
         .iter()
         .enumerate()
         .flat_map(|(i, target)| {
+            let length = length_of(target);
             let base = pb::GenerateRequest {
                 n: args.n,
                 steps: Some(args.run.steps),
                 seed: Some(args.run.seed * 1_000_003 + i as u64),
-                length: length_of(target),
+                length,
+                infill: args
+                    .name_first
+                    .then(|| name_first(target, length))
+                    .flatten(),
                 clamp_repeat_penalty: args.run.clamp_repeat_penalty,
                 ..Default::default()
             };
@@ -1739,13 +1779,18 @@ fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
     let unguided: Vec<String> = results.iter().flat_map(|r| r.2.clone()).collect();
     let teacher = load_teacher(&args.run.teacher)?;
     let judge = FluencyJudge::new(&args.run.data_dir, 4, &teacher)?;
-    let (fg, fu) = (judge.report(&guided)?, judge.report(&unguided)?);
+    let (fg, fu, fr) = (
+        judge.report(&guided)?,
+        judge.report(&unguided)?,
+        judge.report(&references)?,
+    );
     table.push_str(&format!(
         "| **mean of {fields} fields** | {} | **{:.1}%** | {:.1}% |\n\
          | teacher perplexity ratio (texts ÷ E2E dev references) | | {:.3} | {:.3} |\n\
          | repetition (word or bigram back to back; dev references {:.1}%) | | {:.1}% | {:.1}% |\n\
          | 4-gram perplexity ratio (texts ÷ E2E test references) | | {:.2} | {:.2} |\n\n\
-         {} sampling steps, {} text(s) per target, best of {}, {}.\n",
+         {} sampling steps, {} text(s) per target, best of {}, {}{}. E2E's own references for the \
+         targets' MRs ({} texts): teacher perplexity ratio {:.3}, repetition {:.1}%.\n",
         results.len(),
         100.0 * sum_g / fields.max(1) as f64,
         100.0 * sum_u / fields.max(1) as f64,
@@ -1759,7 +1804,15 @@ fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
         args.run.steps,
         args.n,
         args.run.best_of.unwrap_or(1),
-        args.length
+        args.length,
+        if args.name_first {
+            ", the name first (infilled)"
+        } else {
+            ""
+        },
+        references.len(),
+        fr.teacher.ratio,
+        100.0 * fr.samples_repetition,
     ));
     print!("{table}");
     Ok(())

@@ -134,6 +134,34 @@ async fn exact_length_and_infilling_hold_every_time() {
         assert_eq!(s.tokens[0], "the", "{:?}", s.text);
         assert_eq!(&s.tokens[3..5], ["is", "a"], "{:?}", s.text);
     }
+    // The CLI sends the same template.
+    let out = run(
+        "dlm-generator",
+        &[
+            "generate",
+            "--endpoint",
+            &generator.url(),
+            "--infill",
+            "the _ _ is a _ _ .",
+            "--n",
+            "2",
+            "--steps",
+            "30",
+            "--seed",
+            "4",
+        ],
+    );
+    assert!(out.status.success(), "{}", dlm_tests::stderr(&out));
+    let printed = dlm_tests::stdout(&out);
+    assert_eq!(printed.lines().count(), 2, "{printed}");
+    for line in printed.lines() {
+        let words: Vec<&str> = line.split(' ').collect();
+        assert_eq!(
+            (words[0], &words[3..5]),
+            ("the", &["is", "a"][..]),
+            "{line}"
+        );
+    }
 }
 
 /// An exact length at E2E's own (30 words): the words before the fixed END are a sentence, not the

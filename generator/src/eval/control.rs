@@ -175,7 +175,8 @@ pub fn median_lengths(records: &[crate::text::e2e::E2eRecord]) -> HashMap<usize,
 /// A target: (field, value) pairs from one meaning representation.
 pub type Target = Vec<(String, String)>;
 
-/// `count` targets from `mrs` (E2E test MRs), each `fields` of one MR, drawn with `rng`. With
+/// `count` targets from `mrs` (E2E test MRs), each `fields` of one MR, drawn with `rng`, with the
+/// index of the MR each came from (its references are the human texts for it). With
 /// `FieldCount::Some(1)` and no `name` (the single-field protocol of the README's control table)
 /// it is the earlier draw: one of the MR's fields other than `name`.
 pub fn draw_targets(
@@ -183,10 +184,11 @@ pub fn draw_targets(
     fields: FieldCount,
     count: usize,
     rng: &mut impl rand::Rng,
-) -> Vec<Target> {
+) -> Vec<(usize, Target)> {
     let mut out = Vec::with_capacity(count);
     while out.len() < count {
-        let mr = &mrs[rng.random_range(0..mrs.len())];
+        let drawn = rng.random_range(0..mrs.len());
+        let mr = &mrs[drawn];
         let present: Vec<&(String, String)> =
             mr.0.iter()
                 .filter(|(f, _)| FIELDS.contains(&f.as_str()))
@@ -209,7 +211,7 @@ pub fn draw_targets(
             }
             FieldCount::All => present.into_iter().cloned().collect(),
         };
-        out.push(target);
+        out.push((drawn, target));
     }
     out
 }
@@ -301,15 +303,15 @@ mod tests {
             ]),
         ];
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-        for t in draw_targets(&mrs, FieldCount::Some(3), 20, &mut rng) {
-            assert_eq!(t.len(), 3);
+        for (i, t) in draw_targets(&mrs, FieldCount::Some(3), 20, &mut rng) {
+            assert_eq!((i, t.len()), (1, 3));
             assert!(t.iter().all(|p| mrs[1].0.contains(p)), "{t:?}");
         }
-        for t in draw_targets(&mrs, FieldCount::All, 20, &mut rng) {
-            assert!(t == mrs[0].0 || t == mrs[1].0);
+        for (i, t) in draw_targets(&mrs, FieldCount::All, 20, &mut rng) {
+            assert_eq!(t, mrs[i].0);
         }
-        for t in draw_targets(&mrs, FieldCount::Some(1), 20, &mut rng) {
-            assert!(t.len() == 1 && t[0].0 != "name");
+        for (i, t) in draw_targets(&mrs, FieldCount::Some(1), 20, &mut rng) {
+            assert!(t.len() == 1 && t[0].0 != "name" && mrs[i].0.contains(&t[0]));
         }
         let results = vec![(
             vec![
