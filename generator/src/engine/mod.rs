@@ -251,6 +251,39 @@ pub fn start(
     })
 }
 
+/// A sequence's fixed positions (length, infilling) after a step: in x_t [L·D] the known word's
+/// embedding noised to the level ᾱ that x_t is now at, with x_t's own `noise`. A fixed word that is
+/// a word (not one of the `special` START/END/PAD) also goes, clean, into the x0 estimate the next
+/// step is self-conditioned on, so that the denoiser plans around it rather than its own blurred
+/// guess at it (with the guess, a fixed "the vaults" was read as the start of the model's
+/// favourite "the rice boat": "the vaults boat serves …"). An exact length's END and PAD keep the
+/// denoiser's estimate: written clean too, whole-MR control fell 4–5 points on two draws (README).
+fn write_fixed(
+    fixed: &[Option<u32>],
+    embedding: &[Vec<f32>],
+    special: &[u32],
+    abar: f64,
+    noise: &[f32],
+    x: &mut [f32],
+    x0: &mut [f32],
+) {
+    let (a, c) = (abar.sqrt() as f32, (1.0 - abar).sqrt() as f32);
+    let d = embedding.first().map_or(0, Vec::len);
+    for (pos, &word) in fixed.iter().enumerate() {
+        let Some(word) = word else { continue };
+        let is_word = !special.contains(&word);
+        for (j, &e) in embedding[word as usize].iter().enumerate() {
+            let k = pos * d + j;
+            if k < x.len() {
+                x[k] = a * e + c * noise[k];
+                if is_word {
+                    x0[k] = e;
+                }
+            }
+        }
+    }
+}
+
 /// Where a request that fixed its length put END (the positions before it must be words).
 fn fixed_end(fixed: &[Option<u32>], end_id: u32) -> Option<usize> {
     fixed.iter().position(|f| *f == Some(end_id))
@@ -587,7 +620,7 @@ impl Engine {
         let (l, d) = (cfg.seq_len, cfg.embed_dim);
         let mut finished = Vec::new();
         let mut runs = BTreeSet::new();
-        for (id, mean, x0, sigma) in proposed {
+        for (id, mean, mut x0, sigma) in proposed {
             let Some(i) = self.seqs.iter().position(|s| s.id == id) else {
                 continue;
             };
@@ -601,19 +634,17 @@ impl Engine {
                 .zip(&noise)
                 .map(|(m, e)| m + e * sigma)
                 .collect();
-            // Fixed positions: the known word's embedding, noised to the level x is now at.
-            if r.job.fixed.iter().any(Option::is_some) {
-                let abar = r.schedule.alphas_cumprod_prev[s.index];
-                let (a, c) = (abar.sqrt() as f32, (1.0 - abar).sqrt() as f32);
-                for (pos, fixed) in r.job.fixed.iter().enumerate().take(l) {
-                    if let Some(word) = fixed {
-                        for j in 0..d {
-                            let k = pos * d + j;
-                            x[k] = a * self.embedding[*word as usize][j] + c * noise[k];
-                        }
-                    }
-                }
-            }
+            let abar = r.schedule.alphas_cumprod_prev[s.index];
+            let special = self.model.tokenizer.special_ids();
+            write_fixed(
+                &r.job.fixed,
+                &self.embedding,
+                &special,
+                abar,
+                &noise,
+                &mut x,
+                &mut x0,
+            );
             s.x = x;
             s.prev = x0;
             runs.insert(s.run);
@@ -849,5 +880,28 @@ impl Engine {
             tracing::debug!(request = id, "done");
             let _ = r.events.send(Event::Done(Ok(generated)));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::write_fixed;
+
+    #[test]
+    fn a_fixed_word_is_noised_in_the_latents_and_clean_in_the_estimate() {
+        let embedding = vec![vec![1.0, 2.0], vec![-3.0, 4.0]];
+        // Three positions of D = 2: position 1 fixed to word 1, position 2 to id 0, a special
+        // one (an exact length's PAD) that keeps the denoiser's estimate.
+        let fixed = [None, Some(1), Some(0)];
+        let noise = [0.5; 6];
+        let (mut x, mut x0) = ([9.0; 6], [7.0; 6]);
+        write_fixed(&fixed, &embedding, &[0], 0.64, &noise, &mut x, &mut x0);
+        // √0.64 · e + √0.36 · 0.5
+        let want = [9.0, 9.0, -2.1, 3.5, 1.1, 1.9];
+        assert!(
+            x.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6),
+            "{x:?}"
+        );
+        assert_eq!(x0, [7.0, 7.0, -3.0, 4.0, 7.0, 7.0]);
     }
 }
