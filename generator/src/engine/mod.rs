@@ -620,6 +620,7 @@ impl Engine {
         let (l, d) = (cfg.seq_len, cfg.embed_dim);
         let mut finished = Vec::new();
         let mut runs = BTreeSet::new();
+        let special = self.model.tokenizer.special_ids();
         for (id, mean, mut x0, sigma) in proposed {
             let Some(i) = self.seqs.iter().position(|s| s.id == id) else {
                 continue;
@@ -635,7 +636,6 @@ impl Engine {
                 .map(|(m, e)| m + e * sigma)
                 .collect();
             let abar = r.schedule.alphas_cumprod_prev[s.index];
-            let special = self.model.tokenizer.special_ids();
             write_fixed(
                 &r.job.fixed,
                 &self.embedding,
