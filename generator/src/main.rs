@@ -1623,7 +1623,7 @@ fn parse_field_weight(s: &str) -> Result<(String, f32), String> {
 
 fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
     use dlm_generator::eval::control::{
-        draw_targets, median_lengths, rates, realises, realises_all, Target, TextLength,
+        draw_targets, median_lengths, rates, SaidText, Target, TextLength,
     };
     use dlm_generator::text::read_e2e;
     use dlm_proto::dlm::v1 as pb;
@@ -1757,16 +1757,17 @@ fn eval_control(args: EvalControlArgs) -> anyhow::Result<()> {
         for (target, guided, unguided) in &results {
             for (is_guided, texts) in [(true, guided), (false, unguided)] {
                 for text in texts {
+                    let said = SaidText::new(text);
                     let per_field: serde_json::Map<String, serde_json::Value> = target
                         .iter()
-                        .map(|(f, v)| (f.clone(), realises(text, f, v).into()))
+                        .map(|(f, v)| (f.clone(), said.realises(f, v).into()))
                         .collect();
                     let first = &target[0];
                     out.push_str(
                         &serde_json::json!({"field": first.0, "value": first.1,
                         "target": target.iter().map(|(f, v)| format!("{f}={v}")).collect::<Vec<_>>(),
                         "guided": is_guided, "text": text,
-                        "realised": realises_all(text, target), "fields": per_field})
+                        "realised": said.realises_all(target), "fields": per_field})
                         .to_string(),
                     );
                     out.push('\n');

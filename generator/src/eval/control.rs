@@ -29,7 +29,40 @@ fn contains_seq(hay: &[String], needle: &[String]) -> bool {
 
 /// Whether `text` realises `field = value`.
 pub fn realises(text: &str, field: &str, value: &str) -> bool {
-    realises_words(&words(text), field, value)
+    SaidText::new(text).realises(field, value)
+}
+
+/// A text read once for any number of fields: its words as written (what `name` and `near` match)
+/// and with the restaurant names blanked (what the other fields match).
+pub struct SaidText {
+    words: Vec<String>,
+    outside_names: Vec<String>,
+}
+
+impl SaidText {
+    pub fn new(text: &str) -> Self {
+        let words = words(text);
+        let outside_names = without_restaurant_names(&words);
+        Self {
+            words,
+            outside_names,
+        }
+    }
+
+    /// Whether the text realises `field = value`.
+    pub fn realises(&self, field: &str, value: &str) -> bool {
+        let words = if field == "name" || field == "near" {
+            &self.words
+        } else {
+            &self.outside_names
+        };
+        says(words, field, value)
+    }
+
+    /// Whether the text realises every pair of `target`.
+    pub fn realises_all(&self, target: &[(String, String)]) -> bool {
+        target.iter().all(|(f, v)| self.realises(f, v))
+    }
 }
 
 /// `text` with each restaurant name's words blanked ("near raja indian cuisine" does not say food =
@@ -53,14 +86,8 @@ fn without_restaurant_names(text: &[String]) -> Vec<String> {
     out
 }
 
-fn realises_words(text: &[String], field: &str, value: &str) -> bool {
-    if field != "name" && field != "near" {
-        return realises_outside_names(&without_restaurant_names(text), field, value);
-    }
-    realises_outside_names(text, field, value)
-}
-
-fn realises_outside_names(text: &[String], field: &str, value: &str) -> bool {
+/// Whether `text` says one of the phrases of `field = value` and not its cancelling value's.
+fn says(text: &[String], field: &str, value: &str) -> bool {
     let table = &*PARAPHRASES;
     let said = match table
         .phrases
@@ -75,7 +102,7 @@ fn realises_outside_names(text: &[String], field: &str, value: &str) -> bool {
             .unless
             .get(field)
             .and_then(|values| values.get(value))
-            .is_some_and(|other| realises_outside_names(text, field, other))
+            .is_some_and(|other| says(text, field, other))
     };
     said && !cancelled()
 }
@@ -216,12 +243,6 @@ pub fn draw_targets(
     out
 }
 
-/// Whether `text` realises every pair of `target`.
-pub fn realises_all(text: &str, target: &[(String, String)]) -> bool {
-    let w = words(text);
-    target.iter().all(|(f, v)| realises_words(&w, f, v))
-}
-
 /// Per field: (texts whose target has it, of which realise it); over all: texts realising their
 /// whole target, of all texts.
 pub struct ControlRates {
@@ -236,11 +257,11 @@ pub fn rates(results: &[(Target, Vec<String>)]) -> ControlRates {
     let (mut all_realised, mut texts) = (0, 0);
     for (target, outs) in results {
         for t in outs {
-            let w = words(t);
+            let said = SaidText::new(t);
             texts += 1;
             let mut all = true;
             for (f, v) in target {
-                let ok = realises_words(&w, f, v);
+                let ok = said.realises(f, v);
                 all &= ok;
                 if let Some(row) = per_field.iter_mut().find(|r| r.0 == *f) {
                     row.1 += 1;
@@ -329,7 +350,7 @@ mod tests {
             r.per_field,
             vec![("food".into(), 2, 2), ("area".into(), 2, 1)]
         );
-        assert!(realises_all("an italian place by the river", &results[0].0));
+        assert!(SaidText::new("an italian place by the river").realises_all(&results[0].0));
         assert_eq!("all".parse::<FieldCount>(), Ok(FieldCount::All));
         assert!("9".parse::<FieldCount>().is_err());
     }

@@ -142,10 +142,11 @@ pub fn draw_targets(
         }
         let (start, end, label) = spans[rng.random_range(0..spans.len())].clone();
         let text = r.words.join(" ");
+        let reading = super::control::SaidText::new(&text);
         let said: Vec<&(String, String)> = mrs[i]
             .0
             .iter()
-            .filter(|(f, v)| f != "name" && f != "near" && super::control::realises(&text, f, v))
+            .filter(|(f, v)| f != "name" && f != "near" && reading.realises(f, v))
             .collect();
         let field = (!said.is_empty()).then(|| said[rng.random_range(0..said.len())].clone());
         out.push(SyntaxTarget {
